@@ -1,0 +1,76 @@
+"""The training loop, nothing else: micro-steps, accumulate, clip, step, log, evaluate."""
+import logging
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import evaluate
+from .optim import lr_at
+
+log = logging.getLogger(__name__)
+
+
+def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
+          max_steps: int, start_step: int = 0) -> dict:
+    tc, sc = cfg.trainer, cfg.scheduler
+    device = accelerator.device
+    tokens_per_step = tc.micro_batch_size * train_blocks.block_size * tc.grad_accum * accelerator.num_processes
+    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+    last = {}
+
+    # Running sums stay on the device: reading them forces a host sync, so we do it
+    # only every log_every steps.
+    loss_sum = torch.zeros((), device=device)
+    norm_sum = torch.zeros((), device=device)
+    window, t_window = 0, time.perf_counter()
+
+    model.train()
+    bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    for step in range(start_step, max_steps):
+        t = step + 1  # the optimizer step being taken, 1-based as logged
+        lr = lr_at(t, cfg.optim.lr, max_steps, sc.warmup_steps, sc.min_lr, sc.name)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        micro = order.micro_batches(step)
+        for i, ids in enumerate(micro):
+            x = train_blocks.batch(ids).to(device, non_blocking=True)  # (B, T)
+            # Gradients are all-reduced only on the last micro-step.
+            sync = i == len(micro) - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss = loss_fn(model(input_ids=x).logits, x)
+                # Dividing by grad_accum makes k micro-batches of b equal one batch of k*b.
+                accelerator.backward(loss / len(micro))
+            loss_sum += loss.detach() / len(micro)
+        norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window += 1
+        bar.update(1)
+
+        if t % tc.log_every == 0 or t == max_steps:
+            loss_avg = accelerator.reduce(loss_sum, reduction="mean").item() / window
+            elapsed = time.perf_counter() - t_window
+            last = {
+                "train/loss": loss_avg,
+                "train/lr": lr,
+                "train/grad_norm": norm_sum.item() / window,
+                "train/tokens_per_s": tokens_per_step * window / elapsed,
+            }
+            tracker.log(last, t)
+            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['train/tokens_per_s']:.0f}")
+            loss_sum.zero_()
+            norm_sum.zero_()
+            window, t_window = 0, time.perf_counter()
+
+        if t % tc.eval_every == 0 or t == max_steps:
+            metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
+            tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, t)
+            log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
+            last.update(metrics)
+            t_window = time.perf_counter()  # evaluation time is not training throughput
+    bar.close()
+    return last

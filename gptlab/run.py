@@ -1,0 +1,91 @@
+"""Compose one training run from a config: data, model, optimizer, loop, export."""
+import logging
+import math
+from pathlib import Path
+
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+
+from .checkpoint import export_hf
+from .data.blocks import TrainOrder
+from .data.prepare import prepare
+from .distributed import agree_run_dir, make_accelerator, setup_logging
+from .generate import generate_text
+from .loop import train
+from .loss import make_loss_fn
+from .model import build_model, count_parameters
+from .optim import build_optimizer
+from .tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def _save_config(cfg, run_dir: Path) -> None:
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+
+
+def resolve_max_steps(tc, order: TrainOrder) -> int:
+    if tc.epochs is None:
+        return tc.max_steps
+    return max(1, math.floor(tc.epochs * order.steps_per_epoch))
+
+
+def run(cfg) -> dict:
+    accelerator = make_accelerator(cfg.trainer)
+    main = accelerator.is_main_process
+    run_dir = agree_run_dir(accelerator, cfg.run_dir)
+    setup_logging(run_dir, main)
+    if main:
+        _save_config(cfg, run_dir)
+    log.info("run directory %s; %d process(es), %s, mixed precision %s", run_dir,
+             accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision)
+
+    set_seed(cfg.seed)
+    data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
+                   show_progress=main)
+    tokenizer = data.tokenizer
+    log.info("data: %d train blocks, %d valid blocks of %d tokens (cache %s)",
+             len(data.train), len(data.valid), cfg.data.block_size, data.info["cache_dir"])
+    if main:
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+
+    model = build_model(cfg.model, tokenizer, cfg.data.block_size)
+    optimizer = build_optimizer(model, cfg.optim)
+    loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    tc = cfg.trainer
+    order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
+                       accelerator.process_index, cfg.seed)
+    max_steps = resolve_max_steps(tc, order)
+    global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
+    log.info("global batch %d = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
+             "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,
+             accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
+
+    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main)
+    try:
+        result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
+                       max_steps=max_steps)
+        accelerator.wait_for_everyone()
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            export_hf(unwrapped, tokenizer, run_dir / "final")
+            sample = generate_text(unwrapped, tokenizer, tc.sample_prompt, tc.sample_max_new_tokens, seed=cfg.seed)
+            tracker.text("sample", sample, max_steps)
+            log.info("sample for %r:\n%s", tc.sample_prompt, sample)
+            log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
+                     count_parameters(unwrapped), result.get("train/loss", float("nan")),
+                     result.get("eval/loss", float("nan")), run_dir / "final")
+    finally:
+        tracker.close()
+    accelerator.end_training()
+    return {**result, "run_dir": str(run_dir)}

@@ -1,0 +1,67 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def compose(overrides=()):
+    """The real config, composed through Hydra the way train.py composes it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from gptlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_training(overrides=()):
+    """Compose and run in this process; the Accelerator singleton is reset afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+    from gptlab.run import run
+
+    try:
+        return run(compose(overrides))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/token cache for the whole session: runs after the first reuse it."""
+    return tmp_path_factory.mktemp("gptlab_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A few small Python files, copied from the stdlib, for overfitting quickly."""
+    import sysconfig
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    for name in ("bisect.py", "colorsys.py", "keyword.py", "this.py", "glob.py", "fnmatch.py"):
+        (out / name).write_text((src / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return out
+
+
+def read_metrics(run_dir):
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(rows, key):
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")

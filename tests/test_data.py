@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from gptlab.data.blocks import TokenBlocks, TrainOrder, eval_batches
+from gptlab.data.pack import write_token_stream
+from gptlab.data.sources import python_source_files, split_by_file
+from gptlab.tokenizer import train_bpe
+
+
+def test_python_source_selection_is_deterministic_and_capped():
+    a = python_source_files([], 200_000)
+    b = python_source_files([], 200_000)
+    assert [f.key for f in a] == [f.key for f in b]
+    assert 0 < sum(f.size for f in a) <= 200_000
+    assert all(f.key.endswith(".py") for f in a)
+    train, valid = split_by_file(a, 0.1, seed=0)
+    assert valid and train
+    assert not {f.key for f in train} & {f.key for f in valid}
+    assert len(train) + len(valid) == len(a)
+    _, valid2 = split_by_file(a, 0.1, seed=1)
+    assert {f.key for f in valid} != {f.key for f in valid2}
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        python_source_files([str(tmp_path / "nope")], 1000)
+
+
+def test_pack_puts_eos_after_each_document_and_blocks_cut_the_stream(tmp_path):
+    docs = ["def f():\n    return 1\n", "x = [i for i in range(3)]\n", "print('héllo')\n"] * 20
+    tok = train_bpe(docs, 300, 1, ["<|endoftext|>"])
+    info = write_token_stream(docs, tok, tmp_path / "t.bin", show_progress=False)
+    ids = np.fromfile(tmp_path / "t.bin", dtype=info["dtype"])
+    assert info["dtype"] == "uint16" and info["tokens"] == ids.size and info["documents"] == 60
+    eos = tok.eos_token_id
+    assert (ids == eos).sum() == 60 and ids[-1] == eos
+    first = ids[: int(np.argmax(ids == eos))]
+    assert tok.decode(first.tolist()) == docs[0]
+    blocks = TokenBlocks(tmp_path / "t.bin", info["dtype"], 16)
+    assert len(blocks) == ids.size // 16
+    batch = blocks.batch(np.array([2, 0]))
+    assert batch.shape == (2, 16) and batch.dtype.is_floating_point is False
+    assert batch[1].tolist() == ids[:16].tolist() and batch[0].tolist() == ids[32:48].tolist()
+
+
+def test_two_processes_read_what_one_process_reads():
+    one = TrainOrder(100, micro_batch_size=3, grad_accum=4, world_size=1, rank=0, seed=5)
+    two = [TrainOrder(100, 3, 2, world_size=2, rank=r, seed=5) for r in range(2)]
+    for step in range(20):  # crosses epoch boundaries (33 micro-batches per epoch)
+        ref = np.concatenate(one.micro_batches(step))
+        r0, r1 = (np.concatenate(t.micro_batches(step)) for t in two)
+        assert not set(r0) & set(r1)
+        assert sorted(ref) == sorted(np.concatenate([r0, r1]))
+
+
+def test_epochs_are_fresh_permutations():
+    order = TrainOrder(12, micro_batch_size=4, grad_accum=1, world_size=1, rank=0, seed=0)
+    epoch0 = np.concatenate([order.micro_batches(s)[0] for s in range(3)])
+    epoch1 = np.concatenate([order.micro_batches(s)[0] for s in range(3, 6)])
+    assert sorted(epoch0) == list(range(12)) == sorted(epoch1)
+    assert epoch0.tolist() != epoch1.tolist()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shares_cover_every_block_once(world):
+    seen = np.concatenate([np.concatenate(eval_batches(11, 4, world, r)) for r in range(world)])
+    assert sorted(seen) == list(range(11))

@@ -1,0 +1,118 @@
+"""End-to-end runs of the real config on the embedded corpus, composed through Hydra."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_training, series
+
+
+def smoke(tmp_path, cache_dir, *extra):
+    return [f"run_dir={tmp_path}", f"cache_dir={cache_dir}", "debug=smoke", *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    result = run_training(smoke(run_dir, cache_dir))
+    return run_dir, result
+
+
+def test_smoke_run_writes_metrics_and_tensorboard(smoke_run):
+    run_dir, result = smoke_run
+    rows = read_metrics(run_dir)
+    losses = series(rows, "train/loss")
+    assert [s for s, _ in losses] == list(range(1, 9))
+    assert all(math.isfinite(v) for _, v in losses)
+    assert [s for s, _ in series(rows, "eval/perplexity")] == [4, 8]
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss"):
+        assert series(rows, key), key
+    ppl = series(rows, "eval/perplexity")[-1][1]
+    assert ppl == pytest.approx(math.exp(series(rows, "eval/loss")[-1][1]))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "eval/perplexity", "train/lr"} <= set(tags)
+    tb_losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in tb_losses] == [s for s, _ in losses]
+    assert [v for _, v in tb_losses] == pytest.approx([v for _, v in losses])
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_lr_follows_the_schedule_in_optimizer_steps(smoke_run):
+    from gptlab.optim import lr_at
+
+    rows = read_metrics(smoke_run[0])
+    for step, lr in series(rows, "train/lr"):
+        assert lr == pytest.approx(lr_at(step, 1e-3, 8, 2, 1e-4, "cosine"))
+    assert series(rows, "train/lr")[-1][1] == pytest.approx(1e-4)
+
+
+def test_final_export_loads_and_generates(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    final = smoke_run[0] / "final"
+    assert (final / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    tok = AutoTokenizer.from_pretrained(str(final))
+    assert model.config.vocab_size == len(tok) == 512
+    assert model.config.eos_token_id == tok.eos_token_id
+    gen = pipeline("text-generation", model=str(final))
+    out = gen("def ", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("def ") and len(out) > len("def ")
+
+
+def test_same_seed_same_losses(smoke_run, tmp_path, cache_dir):
+    again = run_training(smoke(tmp_path, cache_dir))
+    assert series(read_metrics(tmp_path), "train/loss") == series(read_metrics(smoke_run[0]), "train/loss")
+    assert again["eval/loss"] == smoke_run[1]["eval/loss"]
+
+
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, cache_dir):
+    # Adam's first update is about lr * g / |g|, which blows float summation-order noise
+    # in near-zero gradients up to full size; a large eps keeps the update linear in g.
+    common = ["trainer.max_steps=1", "trainer.max_grad_norm=0", "optim.weight_decay=0.1", "optim.eps=1e-3"]
+    run_training(smoke(tmp_path / "accum", cache_dir, *common, "trainer.micro_batch_size=2", "trainer.grad_accum=4"))
+    run_training(smoke(tmp_path / "big", cache_dir, *common, "trainer.micro_batch_size=8", "trainer.grad_accum=1"))
+    a, b = _final_weights(tmp_path / "accum"), _final_weights(tmp_path / "big")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # and the step really moved the weights (so the equality is not vacuous)
+    run_training(smoke(tmp_path / "other", cache_dir, *common, "trainer.micro_batch_size=2", "trainer.grad_accum=1"))
+    init = _final_weights(tmp_path / "other")
+    assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)
+
+
+def test_loss_falls_when_overfitting_a_tiny_corpus(tmp_path, cache_dir, tiny_corpus):
+    run_training(smoke(tmp_path, cache_dir, f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
+                       "tokenizer.vocab_size=384", "trainer.max_steps=300", "trainer.log_every=10",
+                       "trainer.eval_every=300", "optim.lr=3e-3", "scheduler.warmup_steps=10",
+                       "model.n_embd=64", "trainer.micro_batch_size=8"))
+    losses = series(read_metrics(tmp_path), "train/loss")
+    assert losses[0][1] > math.log(384) - 0.5
+    assert losses[-1][1] < 0.5 * math.log(384), losses
+
+
+@pytest.mark.slow
+def test_cli_entry_point(tmp_path, cache_dir):
+    """`python train.py debug=smoke` through @hydra.main, from another working directory."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=smoke", f"cache_dir={cache_dir}",
+                           "run_dir=rel_run", "trainer.max_steps=2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "rel_run"  # relative paths resolve against the launch directory
+    assert (run_dir / "final" / "config.json").is_file()
+    assert "sample for" in proc.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()

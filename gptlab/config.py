@@ -18,6 +18,8 @@ class ModelConfig:
     n_positions: int = 1024
     dropout: float = 0.0
     attn_implementation: str = "sdpa"
+    # From-scratch models round the vocab up to this multiple (tensor-core friendly); 1 turns it off.
+    vocab_pad_multiple: int = 64
 
 
 @dataclass
@@ -78,6 +80,8 @@ class TrainerConfig:
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None
+    # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.
+    peak_flops: Optional[float] = None
     sample_prompt: str = "import numpy as np\n"
     sample_max_new_tokens: int = 48
 

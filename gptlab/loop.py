@@ -7,6 +7,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate
+from .flops import MFU
+from .model import forward_loss
 from .optim import lr_at
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     tokens_per_step = tc.micro_batch_size * train_blocks.block_size * tc.grad_accum * accelerator.num_processes
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     last = {}
+    mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, device, accelerator.num_processes,
+              tc.peak_flops, accelerator.mixed_precision != "no")
 
     # Running sums stay on the device: reading them forces a host sync, so we do it
     # only every log_every steps.
@@ -37,11 +41,13 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
 
         micro = order.micro_batches(step)
         for i, ids in enumerate(micro):
-            x = train_blocks.batch(ids).to(device, non_blocking=True)  # (B, T)
+            x = train_blocks.batch(ids)  # (B, T)
+            # From pinned memory the copy runs asynchronously, behind the GPU's work.
+            x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-step.
             sync = i == len(micro) - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                loss = loss_fn(model(input_ids=x).logits, x)
+                loss = forward_loss(model, x, loss_fn)
                 # Dividing by grad_accum makes k micro-batches of b equal one batch of k*b.
                 accelerator.backward(loss / len(micro))
             loss_sum += loss.detach() / len(micro)
@@ -60,8 +66,10 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 "train/grad_norm": norm_sum.item() / window,
                 "train/tokens_per_s": tokens_per_step * window / elapsed,
             }
+            last["train/mfu"] = mfu(last["train/tokens_per_s"])
             tracker.log(last, t)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['train/tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['train/tokens_per_s']:.0f}",
+                            mfu=f"{last['train/mfu']:.1%}")
             loss_sum.zero_()
             norm_sum.zero_()
             window, t_window = 0, time.perf_counter()

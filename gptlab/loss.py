@@ -1,6 +1,11 @@
 """Causal LM losses, pure functions of logits (B, T, V) and input ids (B, T).
 
 Labels are the inputs shifted left by one: position t predicts token t+1.
+
+Both losses are a weighted sum of token cross-entropies, Σ w·CE, with weights that
+depend on the inputs only (`LMLoss.token_weights`). That lets training fuse the LM
+head into the loss (`fused_linear_loss`), chunk by chunk, without ever holding the
+(B, T, V) logits; the logits functions here stay the reference and the evaluation path.
 """
 import logging
 
@@ -53,10 +58,98 @@ def keytoken_ids(tokenizer, keywords) -> tuple[list[int], list[str]]:
     return sorted(set(ids)), skipped
 
 
-def make_loss_fn(loss_cfg, tokenizer, device):
-    """A callable (logits, input_ids) -> scalar loss, checked before step 1."""
+def keytoken_weights(input_ids: torch.Tensor, keytoken_ids: torch.Tensor, alpha: float = 1.0,
+                     normalize: bool = False) -> torch.Tensor:
+    """(B, T-1) weights w with Σ w·CE == keytoken_loss."""
+    B, T = input_ids.shape
+    weights = alpha * (1.0 + torch.isin(input_ids, keytoken_ids).sum(dim=1).float())  # (B,)
+    if normalize:
+        weights = weights / weights.mean()
+    return (weights / (B * (T - 1)))[:, None].expand(B, T - 1)
+
+
+class LMLoss:
+    """A loss on logits, `(logits, input_ids) -> scalar`, that also knows its token weights."""
+
+    def __init__(self, on_logits, token_weights):
+        self.on_logits, self.token_weights = on_logits, token_weights
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.on_logits(logits, input_ids)
+
+
+def _mean_weights(input_ids: torch.Tensor) -> torch.Tensor:
+    B, T = input_ids.shape
+    return torch.full((B, T - 1), 1.0 / (B * (T - 1)), device=input_ids.device)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Σ w·CE(h @ Wᵀ, y) with both gradients worked out in the forward pass, a chunk of rows at a time.
+
+    Only one (chunk, V) block of logits exists at a time, reused from chunk to chunk, so
+    the logits neither leave the cache (CPU) nor take N·V memory (GPU), and the usual
+    slice, log-softmax, NLL and their backward passes over the whole (N, V) tensor are
+    gone. The backward pass only scales the saved gradients by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, token_weights, chunk_rows: int):
+        # h (N, C), weight (V, C), targets (N,), token_weights (N,)
+        dev, (N, C), V = h.device, h.shape, weight.shape[0]
+        # Under autocast the matmuls run in the low-precision dtype, the softmax in fp32.
+        cd = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+        f32 = torch.float32
+        with torch.autocast(dev.type, enabled=False):
+            hc, w = h.detach().to(cd), weight.detach().to(cd)
+            grad_h = torch.empty(N, C, dtype=cd, device=dev)
+            grad_w = torch.zeros(V, C, dtype=f32, device=dev)
+            n = min(chunk_rows, N)
+            logits = torch.empty(n, V, dtype=cd, device=dev)
+            probs = torch.empty(n, V, dtype=f32, device=dev)  # log-probs, then w·(softmax - onehot)
+            minus_one = torch.full((n, 1), -1.0, dtype=f32, device=dev)
+            loss = torch.zeros((), dtype=f32, device=dev)
+            for s in range(0, N, n):
+                e = min(s + n, N)
+                L, P, y, tw = logits[:e - s], probs[:e - s], targets[s:e, None], token_weights[s:e, None].to(f32)
+                torch.mm(hc[s:e], w.t(), out=L)
+                torch.log_softmax(L, 1, dtype=f32, out=P)
+                loss -= (P.gather(1, y) * tw).sum()
+                P.exp_().scatter_add_(1, y, minus_one[:e - s]).mul_(tw)  # d loss / d logits
+                G = P if cd == f32 else P.to(cd)
+                torch.mm(G, w, out=grad_h[s:e])
+                if cd == f32:
+                    grad_w.addmm_(G.t(), hc[s:e])
+                else:
+                    grad_w += (G.t() @ hc[s:e]).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = h.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]), None, None, None
+
+
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                      token_weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·CE of the shifted sequence from the final hidden states (B, T, C) and the LM head weight (V, C).
+
+    Equal to `loss(hidden @ weight.T, input_ids)` for a loss whose token weights are given.
+    """
+    C, V = hidden.shape[-1], weight.shape[0]
+    # About 4M logits per chunk: 16 MB of fp32 stays in a CPU's last-level cache; a GPU
+    # wants large matmuls, and 2^27 logits (under 1 GB with the fp32 softmax) is still
+    # far below the full (B, T, V) tensor of GPT-2 124M.
+    chunk_rows = max(1, (2 ** 27 if hidden.device.type == "cuda" else 2 ** 22) // V)
+    return _FusedLinearCE.apply(hidden[:, :-1].reshape(-1, C), weight, input_ids[:, 1:].reshape(-1),
+                                token_weights.reshape(-1), chunk_rows)
+
+
+def make_loss_fn(loss_cfg, tokenizer, device) -> LMLoss:
+    """The configured loss, checked before step 1."""
     if loss_cfg.name == "cross_entropy":
-        return cross_entropy_loss
+        return LMLoss(cross_entropy_loss, _mean_weights)
     if loss_cfg.name != "keytoken":
         raise ValueError(f"loss.name={loss_cfg.name!r}: choose cross_entropy or keytoken")
     ids, skipped = keytoken_ids(tokenizer, loss_cfg.keywords)
@@ -66,4 +159,5 @@ def make_loss_fn(loss_cfg, tokenizer, device):
         raise ValueError(f"loss=keytoken: none of loss.keywords={list(loss_cfg.keywords)} is a single "
                          "token of this tokenizer")
     kt = torch.tensor(ids, device=device)
-    return lambda logits, input_ids: keytoken_loss(logits, input_ids, kt, loss_cfg.alpha, loss_cfg.normalize)
+    return LMLoss(lambda logits, input_ids: keytoken_loss(logits, input_ids, kt, loss_cfg.alpha, loss_cfg.normalize),
+                  lambda input_ids: keytoken_weights(input_ids, kt, loss_cfg.alpha, loss_cfg.normalize))

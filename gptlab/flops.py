@@ -1,0 +1,95 @@
+"""Model FLOPs utilisation (MFU): nanoGPT's FLOPs-per-token estimate over the device's peak.
+
+FLOPs per token = 6·N + 12·L·H·Q·T (PaLM appendix B, as in nanoGPT's `estimate_mfu`):
+6·N for the forward and backward matmuls of N weights, plus the attention scores and
+weighted sums over T positions in L layers of H heads of width Q.
+"""
+import functools
+import logging
+import time
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Dense bf16/fp16 tensor-core peaks from the vendor data sheets (no sparsity).
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    return 6.0 * n_params + 12.0 * n_layer * n_head * head_dim * seq_len
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Unique parameters that take part in matmuls: all but embedding tables that are only looked up.
+
+    The token embedding counts when it is tied to the LM head, as in nanoGPT; the
+    position embedding never does.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_id = id(head.weight) if head is not None else None
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - {head_id}
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for i, p in unique.items() if i not in lookups)
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    c = model.config  # Hugging Face configs map GPT-2's n_layer/n_head/n_embd onto these names
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return flops_per_token(matmul_params(model), c.num_hidden_layers, c.num_attention_heads, head_dim, seq_len)
+
+
+@functools.cache
+def measured_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
+                          budget_s: float = 0.3) -> float:
+    """Best FLOP/s of an n×n matmul within about `budget_s`, measured once per process.
+
+    The best, not the mean: other processes sharing the machine only ever slow it down.
+    """
+    a = torch.randn(n, n, device=device_type, dtype=dtype)
+    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    a @ b  # warm-up: thread pool, allocator, kernel selection
+    sync()
+    best, start = 0.0, time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0))
+        if time.perf_counter() - start > budget_s:
+            return best
+
+
+def peak_flops(device: torch.device, configured: float | None = None, low_precision: bool = True) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from)."""
+    if configured is not None:
+        if configured <= 0:
+            raise ValueError(f"trainer.peak_flops={configured}: give the FLOP/s of one device, e.g. 989e12")
+        return float(configured), "trainer.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} data sheet (bf16 dense)"
+        dtype = torch.bfloat16 if low_precision else torch.float32
+        log.warning("no peak FLOP/s known for %s; measuring a %s matmul (set trainer.peak_flops to override)",
+                    name, dtype)
+        return measured_matmul_flops("cuda", dtype), f"measured {dtype} matmul on {name}"
+    return measured_matmul_flops(device.type), f"measured fp32 matmul on {device.type}"
+
+
+class MFU:
+    """tokens/s -> model FLOPs utilisation, for `num_processes` devices of equal peak."""
+
+    def __init__(self, model: nn.Module, seq_len: int, device: torch.device, num_processes: int = 1,
+                 configured_peak: float | None = None, low_precision: bool = True):
+        self.flops_per_token = model_flops_per_token(model, seq_len)
+        self.peak, self.source = peak_flops(device, configured_peak, low_precision)
+        self.total_peak = self.peak * num_processes
+        log.info("MFU: %.3g FLOPs per token; peak %.3g FLOP/s per device (%s)",
+                 self.flops_per_token, self.peak, self.source)
+
+    def __call__(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.flops_per_token / self.total_peak

@@ -5,13 +5,20 @@ War and Peace tokens, the same AdamW, LR schedule, clipping and number of steps.
 Each arm runs in a fresh process, interleaved A B A B, so a neighbour that loads the
 machine for a while slows both arms alike; the summary gives medians.
 
-    python bench/train_vs_trainer.py                     # 3 repeats of 60 steps
-    python bench/train_vs_trainer.py --arm gptlab --arm gptlab:trainer.compile=true --arm trainer
+    python bench/train_vs_trainer.py                     # gptlab, trainer: 3 rounds of 60 steps
+    python bench/train_vs_trainer.py --threads 1 --arm gptlab --arm trainer --arm trainer:gelu_pytorch_tanh
+    python bench/train_vs_trainer.py --arm gptlab --arm gptlab:trainer.compile=true
+
+The Trainer arm builds the model as the seeds do, from a GPT2Config of the same shape,
+whose default activation is "gelu_new"; `trainer:gelu_pytorch_tanh` gives it the same
+tanh GELU in one kernel that gptlab's models use, so both run the identical model.
 
 Throughput counts the steps after the first `--warmup-steps` (allocator and thread
-pool warm-up), measured by gptlab's own loop (train/tokens_per_s) and by a Trainer
-callback on the same step boundaries. MFU uses gptlab.flops against the best fp32
-matmul FLOP/s measured before each round.
+pool warm-up), timed where gptlab's loop logs and by a Trainer callback at the same
+step boundaries, both in wall time (tokens/s) and in this process's CPU time
+(tokens per CPU-second, which neighbours on a shared machine barely inflate). MFU is
+gptlab.flops' FLOPs per token times each rate, over the best fp32 1024² matmul rate
+measured (the same two ways) just before any of the runs.
 """
 import argparse
 import json
@@ -20,17 +27,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(var, "1")
+from common import RESULT, ROOT, StepClock, as_overrides, compose, matmul_peak, print_result, run_gptlab
 
 WAR_AND_PEACE = ROOT.parent / "shared" / "data" / "tolstoy" / "war_and_peace.txt"
-RESULT = "BENCH_RESULT "
 # The model and optimisation both arms share (gptlab's config names).
 COMMON = {
     "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.n_positions": 256,
@@ -78,39 +79,11 @@ def load_data(cache: Path, block_size: int):
                     {**info, "cache_dir": str(cache)})
 
 
-def compose(extra=()):
-    """gptlab's real config, composed through Hydra as train.py composes it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from gptlab.config import register_configs
+# --- arm A: gptlab's real run(): accelerator, model, optimizer, loop, export (bench/common.py) ---
 
-    register_configs()
-    common = [f"{k}={json.dumps(v)}" for k, v in COMMON.items()]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[*common, *extra])
-
-
-# --- arm A: gptlab's real run(): accelerator, model, optimizer, loop, export ---
-
-def run_gptlab(args, extra: list) -> dict:
-    import gptlab.run as gptlab_run
-
+def run_gptlab_arm(args, extra: list) -> dict:
     data = load_data(Path(args.data), COMMON["data.block_size"])
-    # run() is used as is; only its data stage is pointed at the novel's cached tokens.
-    gptlab_run.prepare = lambda cfg, *a, **k: data
-    steps, warm = args.steps, args.warmup_steps
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose([f"run_dir={run_dir}", f"trainer.max_steps={steps}",
-                       f"trainer.log_every={warm}", f"trainer.eval_every={10 ** 9}",
-                       "trainer.sample_max_new_tokens=1", "logger.tensorboard=false", *extra])
-        gptlab_run.run(cfg)
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "train/tokens_per_s" in r and r["step"] > warm]
-    tokens_per_step = COMMON["trainer.micro_batch_size"] * COMMON["data.block_size"]
-    # Windows of `warm` steps: total tokens over total time, not a mean of rates.
-    seconds = sum(tokens_per_step * warm / r["train/tokens_per_s"] for r in rows)
-    return {"tokens_per_s": tokens_per_step * (steps - warm) / seconds,
-            "logged_mfu": statistics.median(r["train/mfu"] for r in rows),
-            "final_loss": rows[-1]["train/loss"]}
+    return run_gptlab(data, [*as_overrides(COMMON), *extra], args.steps, args.warmup_steps)
 
 
 # --- arm B: the Trainer with default_data_collator, as the seeds use it (run_clm style) ---
@@ -119,24 +92,30 @@ def run_trainer(args, extra: list) -> dict:
     import numpy as np
     import torch
     from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments,
+                              default_data_collator)
 
-    from gptlab.model import build_model
-
-    cfg = compose()
+    cfg = compose(as_overrides(COMMON))
     data = load_data(Path(args.data), cfg.data.block_size)
     T = cfg.data.block_size
     ids = np.asarray(data.train.tokens[: len(data.train) * T], dtype=np.int64).reshape(-1, T).tolist()
     # group_texts in run_clm: labels are a copy of input_ids; the model shifts them.
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * T] * len(ids), "labels": ids})
+    # The seeds' model: a GPT2Config with the same shape (and gptlab's dropout of 0), whose
+    # default activation is "gelu_new"; `trainer:gelu_pytorch_tanh` gives it gptlab's kernel.
+    tok, m = data.tokenizer, cfg.model
+    config = GPT2Config(vocab_size=len(tok), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
+                        n_head=m.n_head, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        **({"activation_function": extra[0]} if extra else {}))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.tokenizer, T)
+    model = GPT2LMHeadModel(config)
 
-    class StepClock(TrainerCallback):
-        times = {}
+    clock = StepClock()
 
+    class Clocked(TrainerCallback):
         def on_step_end(self, targs, state, control, **kw):
-            self.times[state.global_step] = time.perf_counter()
+            clock.stamp(state.global_step)
 
     steps, warm = args.steps, args.warmup_steps
     with tempfile.TemporaryDirectory() as out:
@@ -149,12 +128,11 @@ def run_trainer(args, extra: list) -> dict:
             report_to=[], seed=cfg.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
             dataloader_drop_last=True)
         trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=default_data_collator,
-                          callbacks=[StepClock()])
+                          callbacks=[Clocked()])
         trainer.train()
-    tokens = cfg.trainer.micro_batch_size * T * (steps - warm)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_per_s": tokens / (StepClock.times[steps] - StepClock.times[warm]),
-            "optimizer": targs.optim.value, "final_loss": losses[-1]}
+    return {**clock.rates(cfg.trainer.micro_batch_size * T, warm, steps), "optimizer": targs.optim.value,
+            "final_loss": losses[-1]}
 
 
 # --- the driver ---
@@ -162,14 +140,16 @@ def run_trainer(args, extra: list) -> dict:
 def worker(args) -> None:
     kind, _, extra = args.worker.partition(":")
     extra = [e for e in extra.split(",") if e]
-    result = run_gptlab(args, extra) if kind == "gptlab" else run_trainer(args, extra)
-    print(RESULT + json.dumps(result), flush=True)
+    print_result(run_gptlab_arm(args, extra) if kind == "gptlab" else run_trainer(args, extra))
 
 
 def spawn(arm: str, args, data: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--data", str(data), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup_steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:
         sys.exit(f"arm {arm} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -180,14 +160,14 @@ def flops_per_token(data: Path) -> float:
     from gptlab.flops import model_flops_per_token
     from gptlab.model import build_model
 
-    cfg = compose()
+    cfg = compose(as_overrides(COMMON))
     model = build_model(cfg.model, load_data(data, cfg.data.block_size).tokenizer, cfg.data.block_size)
     return model_flops_per_token(model, cfg.data.block_size)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arm", action="append", help="gptlab[:hydra.override,...] or trainer; "
+    p.add_argument("--arm", action="append", help="gptlab[:hydra.override,...] or trainer[:activation]; "
                    "default: gptlab and trainer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=60)
@@ -196,6 +176,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default="~/.cache/gptlab")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-chars", type=int, default=None, help="use only the novel's first N characters")
+    p.add_argument("--threads", type=int, help="torch threads for every arm and the peak measurement "
+                   "(default: torch's choice); 1 is steadier on a machine shared with other jobs")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -208,40 +190,45 @@ def main() -> None:
         sys.exit(f"{args.text} not found: the bench needs the shared War and Peace text (--text)")
 
     import torch
-    from gptlab.flops import measured_matmul_flops
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     arms = args.arm or ["gptlab", "trainer"]
     data = prepare_tokens(Path(args.text), Path(args.cache_dir).expanduser(), args.vocab_size, args.max_chars)
     fpt = flops_per_token(data)
     print(f"{len(arms)} arms x {args.repeats} repeats, {args.steps} steps ({args.warmup_steps} untimed), "
           f"{torch.get_num_threads()} threads, {fpt / 1e6:.1f} MFLOPs per token", flush=True)
-    results = {arm: [] for arm in arms}
-    peaks = []
+    results, peaks = {arm: [] for arm in arms}, []
     for r in range(args.repeats):
-        measured_matmul_flops.cache_clear()
-        peaks.append(measured_matmul_flops("cpu", budget_s=1.0))
-        print(f"round {r + 1}: fp32 matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
-        for arm in arms:
+        # A B A B, with every other round reversed so a drifting load favours no arm.
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            peaks.append(matmul_peak())  # next to each run, under the same neighbours
             res = spawn(arm, args, data)
             results[arm].append(res)
-            print(f"  {arm:40s} {res['tokens_per_s']:8.0f} tok/s  MFU {res['tokens_per_s'] * fpt / peaks[-1]:.1%}"
-                  f"  loss {res['final_loss']:.3f}", flush=True)
+            print(f"  round {r + 1} {arm:32s} {res['tokens_per_s']:6.0f} tok/s  {res['tokens_per_cpu_s']:6.0f} tok/CPU-s"
+                  f"  (matmul {peaks[-1]['flops'] / 1e9:.0f} GFLOP/s, {peaks[-1]['flops_per_cpu_s'] / 1e9:.0f} "
+                  f"GFLOP/CPU-s)  loss {res['final_loss']:.3f}", flush=True)
 
-    peak = statistics.median(peaks)
-    summary = {"peak_flops": peak, "flops_per_token": fpt, "arms": {}}
-    print(f"\nmedians over {args.repeats} rounds (peak {peak / 1e9:.1f} GFLOP/s):")
+    # One peak for every run: the best matmul seen, so MFU is never flattered by a slow moment.
+    peak = {k: max(p[k] for p in peaks) for k in ("flops", "flops_per_cpu_s")}
+    summary = {"flops_per_token": fpt, "threads": torch.get_num_threads(), "peak": peak, "arms": {}}
+    print(f"\nmedians over {args.repeats} rounds; MFU against the best fp32 1024² matmul of the bench "
+          f"({peak['flops'] / 1e9:.1f} GFLOP/s, {peak['flops_per_cpu_s'] / 1e9:.1f} GFLOP/CPU-s):")
     for arm, rows in results.items():
-        tps = statistics.median(r["tokens_per_s"] for r in rows)
-        summary["arms"][arm] = {"tokens_per_s": tps, "mfu": tps * fpt / peak, "runs": rows}
-        print(f"  {arm:40s} {tps:8.0f} tok/s  MFU {tps * fpt / peak:.1%}")
+        tps, tpc = (statistics.median(r[k] for r in rows) for k in ("tokens_per_s", "tokens_per_cpu_s"))
+        summary["arms"][arm] = {"tokens_per_s": tps, "mfu": tps * fpt / peak["flops"], "tokens_per_cpu_s": tpc,
+                                "cpu_mfu": tpc * fpt / peak["flops_per_cpu_s"], "runs": rows}
+        print(f"  {arm:40s} {tps:6.0f} tok/s (MFU {tps * fpt / peak['flops']:4.0%})  "
+              f"{tpc:6.0f} tok/CPU-s (MFU {tpc * fpt / peak['flops_per_cpu_s']:4.0%})")
     if "trainer" in results:
-        base = summary["arms"]["trainer"]["tokens_per_s"]
         for arm in arms:
             if arm != "trainer":
-                ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results[arm], results["trainer"])]
-                summary["arms"][arm]["ratio_vs_trainer"] = statistics.median(ratios)
-                print(f"  {arm} / trainer: {summary['arms'][arm]['tokens_per_s'] / base:.2f}x "
-                      f"(median of per-round ratios {statistics.median(ratios):.2f}x)")
+                ratio = {k: statistics.median(a[k] / b[k] for a, b in zip(results[arm], results["trainer"]))
+                         for k in ("tokens_per_s", "tokens_per_cpu_s")}
+                summary["arms"][arm]["ratio_vs_trainer"] = ratio["tokens_per_s"]
+                summary["arms"][arm]["cpu_ratio_vs_trainer"] = ratio["tokens_per_cpu_s"]
+                print(f"  {arm} / trainer (median of the rounds' ratios): {ratio['tokens_per_s']:.2f}x in tok/s, "
+                      f"{ratio['tokens_per_cpu_s']:.2f}x in tok/CPU-s")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

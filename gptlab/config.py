@@ -80,6 +80,10 @@ class TrainerConfig:
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None
+    # torch.compile the repeated transformer blocks (see model.compile_blocks).
+    compile: bool = False
+    # TensorFloat-32 matmuls on CUDA GPUs that have it; no effect on CPU.
+    tf32: bool = True
     # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.
     peak_flops: Optional[float] = None
     sample_prompt: str = "import numpy as np\n"

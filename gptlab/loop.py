@@ -47,7 +47,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             # Gradients are all-reduced only on the last micro-step.
             sync = i == len(micro) - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                loss = forward_loss(model, x, loss_fn)
+                with accelerator.autocast():  # the fused LM head and loss run outside the model's forward
+                    loss = forward_loss(model, x, loss_fn)
                 # Dividing by grad_accum makes k micro-batches of b equal one batch of k*b.
                 accelerator.backward(loss / len(micro))
             loss_sum += loss.detach() / len(micro)

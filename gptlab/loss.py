@@ -101,12 +101,13 @@ class _FusedLinearCE(torch.autograd.Function):
         f32 = torch.float32
         with torch.autocast(dev.type, enabled=False):
             hc, w = h.detach().to(cd), weight.detach().to(cd)
-            grad_h = torch.empty(N, C, dtype=cd, device=dev)
+            grad_h = torch.empty(N, C, dtype=f32, device=dev)
             grad_w = torch.zeros(V, C, dtype=f32, device=dev)
             n = min(chunk_rows, N)
             logits = torch.empty(n, V, dtype=cd, device=dev)
-            probs = torch.empty(n, V, dtype=f32, device=dev)  # log-probs, then w·(softmax - onehot)
+            probs = torch.empty(n, V, dtype=f32, device=dev)  # log-probs, then the logits' gradient
             minus_one = torch.full((n, 1), -1.0, dtype=f32, device=dev)
+            w_max = token_weights.max().to(f32).clamp_min(torch.finfo(f32).tiny)
             loss = torch.zeros((), dtype=f32, device=dev)
             for s in range(0, N, n):
                 e = min(s + n, N)
@@ -114,13 +115,17 @@ class _FusedLinearCE(torch.autograd.Function):
                 torch.mm(hc[s:e], w.t(), out=L)
                 torch.log_softmax(L, 1, dtype=f32, out=P)
                 loss -= (P.gather(1, y) * tw).sum()
-                P.exp_().scatter_add_(1, y, minus_one[:e - s]).mul_(tw)  # d loss / d logits
-                G = P if cd == f32 else P.to(cd)
-                torch.mm(G, w, out=grad_h[s:e])
+                P.exp_().scatter_add_(1, y, minus_one[:e - s])  # d CE / d logits = softmax - onehot
                 if cd == f32:
-                    grad_w.addmm_(G.t(), hc[s:e])
+                    P.mul_(tw)
+                    torch.mm(P, w, out=grad_h[s:e])
+                    grad_w.addmm_(P.t(), hc[s:e])
                 else:
-                    grad_w += (G.t() @ hc[s:e]).float()
+                    # Rows scaled to at most 1 before the cast, so that fp16 does not flush
+                    # w·(softmax - onehot), with w ~ 1/tokens, to zero.
+                    G = P.mul_(tw / w_max).to(cd)
+                    grad_h[s:e] = torch.mm(G, w).float().mul_(w_max)
+                    grad_w += (G.t() @ hc[s:e]).float().mul_(w_max)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = h.dtype, weight.dtype
         return loss

@@ -3,6 +3,7 @@ import logging
 import math
 
 import torch
+from torch import nn
 from accelerate.utils import extract_model_from_parallel
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -49,17 +50,39 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile the forward of each repeated block (GPT-2's `transformer.h[i]`), for training.
+
+    Regional compilation: the blocks share one compiled graph, and the model keeps its
+    type, its parameter names and its Python-side glue (HF output capture, the fused
+    loss), which Dynamo would otherwise have to trace or break on.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
+            for block in module:
+                block.forward = _when_training(block, torch.compile(block.forward), block.forward)
+
+
+def _when_training(block: nn.Module, compiled, eager):
+    def forward(*args, **kwargs):
+        # Evaluation and sampling, with its KV cache growing a token at a time, would
+        # recompile again and again for little gain: they run eagerly.
+        return (compiled if block.training and torch.is_grad_enabled() else eager)(*args, **kwargs)
+    return forward
+
+
 def forward_loss(model, input_ids: torch.Tensor, loss_fn) -> torch.Tensor:
     """The training loss of `model` (as prepared: DDP, compiled, autocast) on (B, T) ids.
 
     For GPT-2 the model stops at the final hidden states and the LM head is fused into
     the loss (see loss.fused_linear_loss); any other model computes its logits.
-    The call still goes through the wrapped model, so DDP and autocast see it.
+    The call still goes through the wrapped model, so DDP and autocast see it; no KV
+    cache is built, as HF models otherwise do in training too.
     """
-    inner = extract_model_from_parallel(model)
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
     if not isinstance(inner, GPT2LMHeadModel) or not hasattr(loss_fn, "token_weights"):
-        return loss_fn(model(input_ids=input_ids).logits, input_ids)
+        return loss_fn(model(input_ids=input_ids, use_cache=False).logits, input_ids)
     no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, logits_to_keep=no_logits, output_hidden_states=True)
+    out = model(input_ids=input_ids, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # (B, T, C), after the final layer norm
     return fused_linear_loss(hidden, inner.lm_head.weight, input_ids, loss_fn.token_weights(input_ids))

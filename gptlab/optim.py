@@ -40,8 +40,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r}: choose adamw")
+    # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+                             betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
 def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,

@@ -3,6 +3,7 @@ import logging
 import math
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
@@ -13,7 +14,7 @@ from .distributed import agree_run_dir, make_accelerator, setup_logging
 from .generate import generate_text
 from .loop import train
 from .loss import make_loss_fn
-from .model import build_model, count_parameters
+from .model import build_model, compile_blocks, count_parameters
 from .optim import build_optimizer
 from .tracking import Tracker
 
@@ -58,6 +59,10 @@ def run(cfg) -> dict:
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
+    # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+    if cfg.trainer.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -1,0 +1,103 @@
+"""What the benches share: gptlab's real config and its real run(), timed from its own metrics."""
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+
+RESULT = "BENCH_RESULT "
+
+
+def compose(overrides=()):
+    """gptlab's config, composed through Hydra as train.py composes it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from gptlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def as_overrides(values: dict) -> list:
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+class StepClock:
+    """Wall and CPU time at step boundaries.
+
+    CPU time (user + system of this process, all threads) is what neighbours on a
+    shared machine barely inflate: tokens per CPU-second and matmul FLOPs per
+    CPU-second give an MFU that holds under load; wall time gives tokens/s.
+    """
+
+    def __init__(self):
+        self.marks = {}
+
+    def stamp(self, step: int) -> None:
+        self.marks[step] = (time.perf_counter(), time.process_time())
+
+    def rates(self, tokens_per_step: int, first: int, last: int) -> dict:
+        (w0, c0), (w1, c1) = self.marks[first], self.marks[last]
+        tokens = tokens_per_step * (last - first)
+        return {"tokens_per_s": tokens / (w1 - w0), "tokens_per_cpu_s": tokens / (c1 - c0)}
+
+
+def matmul_peak(n: int = 1024, seconds: float = 1.0) -> dict:
+    """fp32 n×n matmul: the best FLOP/s seen in about `seconds`, in wall time and in CPU time.
+
+    The best, because neighbours only ever slow a matmul down.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    wall, cpu, start = float("inf"), float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        w, c = time.perf_counter(), time.process_time()
+        a @ b
+        wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
+    flops = 2.0 * n ** 3
+    return {"flops": flops / wall, "flops_per_cpu_s": flops / max(cpu, 1e-9)}
+
+
+def run_gptlab(data, overrides: list, steps: int, warmup_steps: int) -> dict:
+    """gptlab.run.run() as is, its data stage pointed at `data` (a gptlab.data.prepare.Prepared).
+
+    Throughput counts the steps after `warmup_steps` (the log interval), timed where
+    the loop logs, right after its host sync.
+    """
+    import gptlab.run as gptlab_run
+
+    clock = StepClock()
+
+    class ClockedTracker(gptlab_run.Tracker):
+        def log(self, metrics, step):
+            if "train/tokens_per_s" in metrics:
+                clock.stamp(step)
+            super().log(metrics, step)
+
+    gptlab_run.prepare = lambda cfg, *a, **k: data
+    gptlab_run.Tracker = ClockedTracker
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose([*overrides, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
+                       f"trainer.log_every={warmup_steps}", f"trainer.eval_every={10 ** 9}",
+                       "trainer.sample_max_new_tokens=1", "logger.tensorboard=false"])
+        gptlab_run.run(cfg)
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/mfu" in r and r["step"] > warmup_steps]
+    tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.block_size * cfg.trainer.grad_accum
+    return {**clock.rates(tokens_per_step, warmup_steps, steps),
+            "logged_mfu": statistics.median(r["train/mfu"] for r in rows),
+            "final_loss": rows[-1]["train/loss"]}
+
+
+def print_result(result: dict) -> None:
+    print(RESULT + json.dumps(result), flush=True)

@@ -1,0 +1,263 @@
+"""Speed machinery: the FLOPs formula, the logged MFU, the fused LM head + loss, the GPU path on a CPU,
+and the benches in CI size (they must run and give positive numbers; speed itself is not asserted)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import ROOT, SHARED, read_metrics, requires_shared, run_training, series
+
+from gptlab.flops import MFU, flops_per_token, matmul_params, model_flops_per_token, peak_flops
+from gptlab.loss import _FusedLinearCE, cross_entropy_loss, keytoken_loss, keytoken_weights, make_loss_fn
+from gptlab.model import build_model, compile_blocks, forward_loss
+
+
+def tiny_gpt2(vocab=96, n_layer=2, n_embd=32, n_head=2, n_positions=16, **kw):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)
+    return GPT2LMHeadModel(config)
+
+
+# --- FLOPs and MFU ---
+
+def test_flops_per_token_is_nanogpt_formula():
+    # GPT-2 124M at T=1024 as nanoGPT counts it: N = 124,337,664 without wpe (50304 vocab).
+    assert flops_per_token(124_337_664, 12, 12, 64, 1024) == 6 * 124_337_664 + 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(10, 1, 1, 1, 1) == 72
+
+
+def test_matmul_params_drop_position_embeddings_and_count_the_tied_head_once():
+    model = tiny_gpt2()
+    total = sum(p.numel() for p in model.parameters())  # parameters() lists the tied weight once
+    assert matmul_params(model) == total - 16 * 32  # all but wpe (n_positions x n_embd)
+    assert model_flops_per_token(model, 8) == 6 * (total - 16 * 32) + 12 * 2 * 2 * 16 * 8
+
+    untied = tiny_gpt2(tie_word_embeddings=False)
+    n = sum(p.numel() for p in untied.parameters())
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert matmul_params(untied) == n - 16 * 32 - 96 * 32  # the looked-up wte does no matmul
+
+
+def test_peak_flops_sources(monkeypatch):
+    assert peak_flops(torch.device("cpu"), 123e9) == (123e9, "trainer.peak_flops")
+    with pytest.raises(ValueError, match="trainer.peak_flops"):
+        peak_flops(torch.device("cpu"), -1.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda"))[0] == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    assert peak_flops(torch.device("cuda"))[0] == 312e12
+    cpu_peak, source = peak_flops(torch.device("cpu"))
+    assert cpu_peak > 1e8 and "measured" in source
+
+
+def test_mfu_is_tokens_times_flops_over_peak():
+    model = tiny_gpt2()
+    mfu = MFU(model, 8, torch.device("cpu"), num_processes=2, configured_peak=1e9)
+    assert mfu(1000.0) == pytest.approx(1000.0 * model_flops_per_token(model, 8) / 2e9)
+
+
+@pytest.fixture(scope="module")
+def fixed_peak_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("mfu")
+    run_training([f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", "trainer.peak_flops=1e9"])
+    return run_dir
+
+
+def test_logged_mfu_matches_throughput_and_formula(fixed_peak_run):
+    from transformers import AutoModelForCausalLM
+
+    rows = read_metrics(fixed_peak_run)
+    model = AutoModelForCausalLM.from_pretrained(str(fixed_peak_run / "final"))
+    fpt = model_flops_per_token(model, 64)  # debug=smoke: block_size 64
+    tps = dict(series(rows, "train/tokens_per_s"))
+    mfu = series(rows, "train/mfu")
+    assert [s for s, _ in mfu] == list(range(1, 9))
+    for step, value in mfu:
+        assert value > 0
+        assert value == pytest.approx(tps[step] * fpt / 1e9)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(next((fixed_peak_run / "tb").glob("events.out.tfevents.*"))))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/mfu")] == pytest.approx([v for _, v in mfu])
+
+
+# --- the fused LM head + loss ---
+
+def reference(h, W, x, loss):
+    """Loss and gradients through the plain path: logits, then the loss on logits."""
+    h, W = h.detach().requires_grad_(), W.detach().requires_grad_()
+    out = loss(h @ W.t(), x)
+    out.backward()
+    return out.detach(), h.grad, W.grad
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 64, 10_000])
+def test_fused_linear_ce_equals_logits_path_for_both_losses(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    B, T, C, V = 3, 12, 16, 50
+    h, W = torch.randn(B, T, C, generator=g), torch.randn(V, C, generator=g)
+    x = torch.randint(0, V, (B, T), generator=g)
+    x[0, :4] = 7  # samples with different key-token counts
+    kt = torch.tensor([7, 9])
+    cases = [
+        (cross_entropy_loss, torch.full((B, T - 1), 1 / (B * (T - 1)))),
+        (lambda lg, ids: keytoken_loss(lg, ids, kt, 0.5, normalize=False), keytoken_weights(x, kt, 0.5, False)),
+        (lambda lg, ids: keytoken_loss(lg, ids, kt, 0.5, normalize=True), keytoken_weights(x, kt, 0.5, True)),
+    ]
+    for loss, weights in cases:
+        ref, ref_gh, ref_gw = reference(h, W, x, loss)
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        flat = hh[:, :-1].reshape(-1, C)
+        out = _FusedLinearCE.apply(flat, WW, x[:, 1:].reshape(-1), weights.reshape(-1), chunk_rows)
+        (out * 3).backward()  # the saved gradients are scaled by the incoming one
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hh.grad, 3 * ref_gh, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(WW.grad, 3 * ref_gw, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_linear_ce_under_autocast_is_close_to_fp32(dtype):
+    g = torch.Generator().manual_seed(1)
+    B, T, C, V = 32, 65, 16, 256
+    h, W = torch.randn(B, T, C, generator=g), torch.randn(V, C, generator=g) * 0.1
+    x = torch.randint(0, V, (B, T), generator=g)
+    ref, ref_gh, ref_gw = reference(h, W, x, cross_entropy_loss)
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = _FusedLinearCE.apply(hh[:, :-1].reshape(-1, C), WW, x[:, 1:].reshape(-1),
+                                   torch.full((B * (T - 1),), 1 / (B * (T - 1))), 1000)
+    out.backward()
+    assert out.dtype == hh.grad.dtype == WW.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    scale_h, scale_w = ref_gh.abs().max(), ref_gw.abs().max()
+    torch.testing.assert_close(hh.grad / scale_h, ref_gh / scale_h, rtol=0, atol=2e-2)
+    torch.testing.assert_close(WW.grad / scale_w, ref_gw / scale_w, rtol=0, atol=2e-2)
+
+
+class FakeTokenizer:
+    def __init__(self, n):
+        self.n, self.eos_token_id, self.bos_token_id, self.pad_token_id = n, 0, 0, 0
+
+    def __len__(self):
+        return self.n
+
+    def __call__(self, text, add_special_tokens=False):  # "kw" -> one id, anything else -> two
+        return {"input_ids": [5] if text.strip() == "kw" else [1, 2]}
+
+
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "keytoken"])
+def test_forward_loss_equals_model_logits_loss_with_gradients(loss_name):
+    from omegaconf import OmegaConf
+
+    loss_cfg = OmegaConf.create({"name": loss_name, "keywords": ["kw"], "alpha": 1.0, "normalize": False})
+    loss_fn = make_loss_fn(loss_cfg, FakeTokenizer(96), "cpu")
+    x = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(2))
+    x[1, :3] = 5
+    grads = []
+    for fused in (False, True):
+        model = tiny_gpt2()
+        loss = forward_loss(model, x, loss_fn) if fused else loss_fn(model(input_ids=x).logits, x)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, g_plain), (fused, g_fused) = grads
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_fused[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- the GPU path, as far as a CPU can check it ---
+
+def test_vocab_padding_and_padded_ids_are_never_sampled():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32, "dropout": 0.0,
+                            "attn_implementation": "sdpa", "vocab_pad_multiple": 64})
+    model = build_model(cfg, FakeTokenizer(500), 16)
+    assert model.config.vocab_size == 512
+    assert model.generation_config.suppress_tokens == list(range(500, 512))
+    assert model.config.activation_function == "gelu_pytorch_tanh"
+    cfg.vocab_pad_multiple = 1
+    assert build_model(cfg, FakeTokenizer(500), 16).config.vocab_size == 500
+    cfg.vocab_pad_multiple = 0
+    with pytest.raises(ValueError, match="vocab_pad_multiple"):
+        build_model(cfg, FakeTokenizer(500), 16)
+
+
+def test_fused_adamw():
+    from omegaconf import OmegaConf
+    from gptlab.optim import build_optimizer
+
+    opt = build_optimizer(tiny_gpt2(), OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.1,
+                                                         "betas": [0.9, 0.95], "eps": 1e-8}))
+    assert opt.defaults["fused"] is True
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_loss_and_keep_the_model_plain():
+    from omegaconf import OmegaConf
+
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), None, "cpu")
+    eager, compiled = tiny_gpt2(), tiny_gpt2()
+    compile_blocks(compiled)
+    assert type(compiled) is GPT2LMHeadModel and compiled.state_dict().keys() == eager.state_dict().keys()
+    for model in (eager, compiled):
+        forward_loss(model, x, loss_fn).backward()
+    torch.testing.assert_close(forward_loss(compiled, x, loss_fn), forward_loss(eager, x, loss_fn))
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    compiled.eval()
+    with torch.no_grad():  # evaluation runs the blocks eagerly, with no recompilation
+        torch.testing.assert_close(compiled(input_ids=x).logits, eager.eval()(input_ids=x).logits)
+
+
+# --- the benches, CI-sized: they run and report positive numbers ---
+
+def run_bench(*args, timeout=900):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_on_cpu_in_bf16(tmp_path):
+    out = tmp_path / "gpu.json"
+    run_bench(ROOT / "bench" / "gpu.py", "--tiny", "--no-compile", "--batch", 2, "--block", 64, "--steps", 4,
+              "--warmup-steps", 2, "--json", out)
+    result = json.loads(out.read_text())
+    assert result["settings"]["trainer.mixed_precision"] == "bf16"
+    assert result["tokens_per_s"] > 0 and result["logged_mfu"] > 0
+
+
+@pytest.mark.slow
+@requires_shared
+def test_train_vs_trainer_bench_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    stdout = run_bench(ROOT / "bench" / "train_vs_trainer.py", "--steps", 4, "--warmup-steps", 2, "--repeats", 1,
+                       "--max-chars", 150_000, "--vocab-size", 1024, "--cache-dir", tmp_path,
+                       "--text", SHARED / "tolstoy" / "war_and_peace.txt", "--json", out)
+    summary = json.loads(out.read_text())
+    assert summary["peak"]["flops"] > 0 and summary["peak"]["flops_per_cpu_s"] > 0
+    assert summary["flops_per_token"] > 0
+    for arm in ("gptlab", "trainer"):
+        for key in ("tokens_per_s", "mfu", "tokens_per_cpu_s", "cpu_mfu"):
+            assert summary["arms"][arm][key] > 0, (arm, key)
+    assert summary["arms"]["gptlab"]["runs"][0]["logged_mfu"] > 0
+    assert summary["arms"]["gptlab"]["ratio_vs_trainer"] > 0
+    assert "gptlab / trainer" in stdout
+
+
+@pytest.mark.slow
+def test_startup_bench_runs(tmp_path, cache_dir):
+    out = tmp_path / "startup.json"
+    run_bench(ROOT / "bench" / "startup.py", "--repeats", 1, "--launchers", "python", "--cache-dir", cache_dir,
+              "--override", "debug=smoke", "--json", out)
+    med = json.loads(out.read_text())["median_s"]["python"]
+    assert 0 < med["imports, Hydra, Accelerator"] < med["first optimizer step"]
+    assert med["CPU time to step 1"] > 0

@@ -5,7 +5,7 @@ group and every command-line override is merged into these dataclasses: an unkno
 key or a wrong type fails when Hydra composes the config, before anything runs.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -22,13 +22,44 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "python_source"
+    # A source name (python_source, text, jsonl, sqlite, hf, librus_html) or a list of
+    # them; a list entry may be a mapping {name: text, files: [...], ...} whose keys
+    # override the per-source keys below for that entry only.
+    source: Any = "python_source"
+    # text, jsonl, hf, librus_html: local files or globs, in order. valid_files (same
+    # source type) is an explicit validation split; then valid_fraction is not used.
+    files: List[str] = field(default_factory=list)
+    valid_files: List[str] = field(default_factory=list)
+    encoding: str = "utf-8"  # text, jsonl, librus_html (lib.ru pages are cp1251)
+    text_unit: str = "file"  # text: one document per file | paragraph (blank-line separated) | line
+    text_field: str = "text"  # jsonl: the field; hf: the column
+    # sqlite: the database file and a query whose first column is the text.
+    db: Optional[str] = None
+    query: Optional[str] = None
+    valid_query: Optional[str] = None
+    # hf: a datasets packaged builder (json, csv, parquet, arrow, text) over `files`,
+    # or `disk` for a directory written by save_to_disk (files: [DIR]).
+    builder: str = "json"
+    streaming: bool = False
     # python_source: directories to scan; empty means the running interpreter's
     # standard library and site-packages (the embedded default corpus).
     paths: List[str] = field(default_factory=list)
     max_bytes: int = 10_000_000
+    # librus_html: pages downloaded once (http/https only) into download_dir.
+    urls: List[str] = field(default_factory=list)
+    download_dir: Optional[str] = None  # None: <cache_dir>/downloads
+    download_timeout_s: float = 30.0
+    download_retries: int = 3
+    download_max_bytes: int = 50_000_000
+    # Filters: keep documents containing any keyword (empty: all) and at least min_chars
+    # non-blank characters.
+    keywords: List[str] = field(default_factory=list)
+    min_chars: int = 1
     valid_fraction: float = 0.01
     split_seed: int = 0
+    # concat: EOS after each document, one stream cut into blocks (remainder dropped);
+    # chunk: each document cut into blocks on its own, short tails dropped.
+    pack: str = "concat"
     block_size: int = 256
 
 

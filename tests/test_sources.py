@@ -210,7 +210,8 @@ def test_librus_cleaning_of_a_real_lib_ru_page():
     assert text.startswith("Лев Николаевич Толстой\nВойна и мир\nПервый вариант романа\n")
     assert "Я пишу до сих пор только о князьях, графах, министрах" in text[:3000]
     assert text.rstrip().endswith("К О Н Е Ц")
-    assert "<" not in text and ">" not in text and "&nbsp;" not in text and "\xa0" not in text
+    # (one ">" is in the novel itself: "Un b>tard", an old encoding artefact for "bâtard")
+    assert "<" not in text and "&nbsp;" not in text and "&" not in text and "\xa0" not in text
     assert "Оценка" not in text and "Связаться с программистом" not in text  # page furniture
     assert "\n\n" not in text and all(line == line.strip() for line in text.splitlines())
     assert "\ufffd" not in text and text.encode("utf-8").decode("utf-8") == text

@@ -15,6 +15,7 @@ from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, count_parameters
 from .optim import build_optimizer
+from .tokenizer import check_vocab
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def run(cfg) -> dict:
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
+    check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

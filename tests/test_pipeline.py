@@ -188,6 +188,48 @@ def test_token_dtype_follows_the_vocab():
     assert token_dtype(300) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
+def source_files(tmp_path, name):
+    """Small inputs for each source and the overrides that reach it from config alone."""
+    texts = make_docs(30)
+    if name == "text":
+        (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
+        return ["data=text", f"data.files=[{tmp_path}/*.txt]"]
+    if name == "jsonl":
+        write_jsonl(tmp_path / "train.jsonl", texts[:25], "input")
+        write_jsonl(tmp_path / "test.jsonl", texts[25:], "input")
+        return ["data=jsonl", f"data.files=[{tmp_path / 'train.jsonl'}]", "data.text_field=input",
+                f"data.valid_files=[{tmp_path / 'test.jsonl'}]"]
+    if name == "sqlite":
+        import sqlite3
+        con = sqlite3.connect(tmp_path / "wiki.db")
+        con.execute("CREATE TABLE ru (body_text TEXT)")
+        con.executemany("INSERT INTO ru VALUES (?)", [(t,) for t in texts] + [(None,), ("",)])
+        con.commit()
+        con.close()
+        return ["data=sqlite", f"data.db={tmp_path / 'wiki.db'}", "data.query='SELECT body_text FROM ru LIMIT 3300'"]
+    if name == "hf":
+        write_jsonl(tmp_path / "code.jsonl", texts, "content")
+        return ["data=hf", f"data.files=[{tmp_path / 'code.jsonl'}]", "data.keywords=[pandas,sklearn]",
+                "data.pack=chunk"]
+    if name == "librus_html":
+        for i in range(3):
+            page = "<!--Section Begins-->" + "".join(f"<dd>&nbsp;&nbsp;{t}\n" for t in texts[i::3])
+            (tmp_path / f"text_{i}.shtml").write_bytes((page + "<!--Section Ends-->").encode("cp1251"))
+        return ["data=librus_html", f"data.files=[{tmp_path}/*.shtml]", "data.valid_fraction=0.3"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"m{i}.py").write_text(f"# {t}\n")
+    return [f"data.paths=[{tmp_path}]", "data.valid_fraction=0.2"]
+
+
+@pytest.mark.parametrize("name", ["python_source", "text", "jsonl", "sqlite", "hf", "librus_html"])
+def test_every_source_is_reachable_from_config_alone(tmp_path, name):
+    cfg = compose([*source_files(tmp_path, name), "data.block_size=16", "tokenizer.vocab_size=300",
+                   "tokenizer.min_frequency=1"])
+    data = P.prepare(cfg, tmp_path / "c", show_progress=False)
+    assert len(data.train) > 0 and len(data.valid) > 0
+    assert data.info["split"]["train"]["kept"] > 0 and data.info["pack"] == cfg.data.pack
+
+
 # ---------------------------------------------------------------- cache
 
 def test_cache_hit_skips_every_stage(tmp_path, corpus, monkeypatch):
@@ -357,3 +399,20 @@ def test_prepare_entry_point(tmp_path, corpus):
     assert summary["vocab_size"] == 300 and summary["train_blocks"] > 0
     assert "tokenize (concat)" in proc.stderr  # the progress bar
     assert [b["stage"] for b in builds(tmp_path / "c")] == ["splits", "tokenizers", "tokens"]
+
+
+@pytest.mark.slow
+def test_bench_prep_runs_on_a_slice(tmp_path):
+    """CI-sized: every variant runs and reports positive numbers (speed is not asserted)."""
+    text = "\n\n".join(" ".join(make_docs(5, seed=i)) for i in range(120))
+    (tmp_path / "corpus.txt").write_text(text)
+    train_bpe([text], 400, 1, ["<|endoftext|>"]).save_pretrained(str(tmp_path / "tok"))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prep.py"), "--file", str(tmp_path / "corpus.txt"),
+                           "--tokenizer", str(tmp_path / "tok"), "--max-bytes", "100000"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"\| [\d.]+ \| \w+ \|", line)]
+    assert [r[1].strip() for r in rows] == ["encode", "seed", "gptlab", "gptlab_cached"]
+    for row in rows:
+        mb, seconds, mb_s, _, tokens, peak = (float(row[i]) for i in (0, 2, 3, 4, 5, 6))
+        assert 0.05 < mb <= 0.1 and seconds > 0 and mb_s > 0 and tokens > 1000 and peak > 10, row

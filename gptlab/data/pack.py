@@ -6,7 +6,7 @@ and changing block_size needs no new cache. `chunk`: each document on its own is
 into block_size pieces and its short tail dropped (seed 002's
 `return_overflowing_tokens`), so the stream is a whole number of blocks.
 
-Speed: documents go to the Rust tokenizer in batches of about 1 MB of text, which it
+Speed: documents go to the Rust tokenizer in batches of about 256k characters, which it
 encodes on all cores. A long document is cut into pieces first, only at places where
 byte-level BPE can never merge across (before a space that follows a non-space), so the
 ids are exactly those of the whole document while memory stays at one batch.
@@ -20,7 +20,7 @@ from tokenizers import pre_tokenizers
 from tqdm.auto import tqdm
 
 PIECE_CHARS = 16_384
-BATCH_CHARS = 1 << 20
+BATCH_CHARS = 1 << 18
 BATCH_PIECES = 2048
 
 

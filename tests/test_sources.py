@@ -172,7 +172,8 @@ def test_hf_builders_and_save_to_disk(tmp_path):
 
 def test_hf_missing_column_and_bad_builder(tmp_path):
     jsonl = write_jsonl(tmp_path / "code.jsonl", [{"content": "x"}])
-    with pytest.raises(S.DataError, match=r"data.text_field='text' is not a column of .*code.jsonl \(columns: content\)"):
+    with pytest.raises(S.DataError, match=r"data.text_field='text' is not a column of .*code.jsonl "
+                                          r"\(columns: content\)"):
         docs(S.HfSource(settings(builder="json", files=[jsonl], text_field="text"), tmp_path))
     with pytest.raises(S.DataError, match="data.builder='codeparrot/x': choose one of json, csv"):
         S.HfSource(settings(builder="codeparrot/x", files=[jsonl]), tmp_path)

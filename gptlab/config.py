@@ -111,6 +111,10 @@ class TrainerConfig:
     mixed_precision: Optional[str] = None
     sample_prompt: str = "import numpy as np\n"
     sample_max_new_tokens: int = 48
+    # Checkpoint every save_every optimizer steps (0: only at the end and on SIGTERM/SIGINT);
+    # a multiple of log_every. keep_last prunes older step_* checkpoints (null keeps all).
+    save_every: int = 100
+    keep_last: Optional[int] = 3
 
 
 @dataclass
@@ -134,6 +138,9 @@ class GptlabConfig:
     run_dir: Optional[str] = None
     # Tokenizers and token caches, shared between runs and keyed by fingerprints.
     cache_dir: str = "~/.cache/gptlab"
+    # "auto": continue the latest loadable checkpoint in run_dir (or start if there is none);
+    # a checkpoint directory: continue from it, in its run directory.
+    resume: Optional[str] = None
 
 
 def register_configs() -> None:

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
-          max_steps: int, start_step: int = 0) -> dict:
+          max_steps: int, start_step: int = 0, checkpoints=None) -> dict:
     tc, sc = cfg.trainer, cfg.scheduler
     device = accelerator.device
     tokens_per_step = tc.micro_batch_size * train_blocks.block_size * tc.grad_accum * accelerator.num_processes
@@ -50,8 +50,10 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
         optimizer.zero_grad(set_to_none=True)
         window += 1
         bar.update(1)
+        # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
+        stop = checkpoints is not None and checkpoints.stop_requested()
 
-        if t % tc.log_every == 0 or t == max_steps:
+        if t % tc.log_every == 0 or t == max_steps or stop:
             loss_avg = accelerator.reduce(loss_sum, reduction="mean").item() / window
             elapsed = time.perf_counter() - t_window
             last = {
@@ -66,11 +68,19 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             norm_sum.zero_()
             window, t_window = 0, time.perf_counter()
 
+        eval_loss = None
         if t % tc.eval_every == 0 or t == max_steps:
             metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
             tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, t)
             log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
             last.update(metrics)
+            eval_loss = metrics["eval/loss"]
             t_window = time.perf_counter()  # evaluation time is not training throughput
+        if checkpoints is not None:
+            t_save = time.perf_counter()
+            checkpoints.step_end(t, max_steps, eval_loss, stop)
+            t_window += time.perf_counter() - t_save  # nor is saving
+        if stop:
+            break
     bar.close()
     return last

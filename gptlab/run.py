@@ -6,7 +6,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .checkpoint import export_hf
+from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder
 from .data.prepare import prepare
 from .distributed import agree_run_dir, make_accelerator, setup_logging
@@ -40,9 +40,10 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
-    run_dir = agree_run_dir(accelerator, cfg.run_dir)
+    run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
     if main:
         _save_config(cfg, run_dir)
@@ -73,12 +74,19 @@ def run(cfg) -> dict:
              "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order)
+    start_step = checkpoints.resume(cfg.resume)
+    # A resumed run supersedes what was logged after its checkpoint.
+    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
+                      resume_step=start_step if cfg.resume else None)
     try:
-        result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
-                       max_steps=max_steps)
+        with checkpoints.signals:
+            result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
+                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints)
         accelerator.wait_for_everyone()
-        if main:
+        if checkpoints.stopped:
+            log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
+        elif main:
             unwrapped = accelerator.unwrap_model(model)
             export_hf(unwrapped, tokenizer, run_dir / "final")
             sample = generate_text(unwrapped, tokenizer, tc.sample_prompt, tc.sample_max_new_tokens, seed=cfg.seed)
@@ -90,4 +98,4 @@ def run(cfg) -> dict:
     finally:
         tracker.close()
     accelerator.end_training()
-    return {**result, "run_dir": str(run_dir)}
+    return {**result, "run_dir": str(run_dir), "stopped": checkpoints.stopped}

@@ -146,6 +146,8 @@ def find_checkpoint(path) -> Path:
     path = Path(path).expanduser()
     if (path / STATE_FILE).is_file():
         return path
+    if path.name == "checkpoints":
+        path = path.parent
     for ckpt in reversed(list_checkpoints(path)):
         try:
             read_trainer_state(ckpt)

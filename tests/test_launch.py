@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,13 +60,59 @@ def overrides(corpus, cache_dir, grad_accum, *extra):
             f"trainer.grad_accum={grad_accum}", *extra]
 
 
-def launch(launcher_args, hydra_args, cwd, env, timeout=300):
+def kill_tree(proc) -> None:
+    """Kill a launcher and its workers: torchrun starts each worker in a session of its own,
+    so killing the launcher's process group would leave them running."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def start(cmd, cwd, env):
+    # Output goes to a file, not a pipe: a full pipe would stall one launcher of several
+    # while another waits for it in a collective.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def finish(procs, timeout=240) -> list:
+    """Wait for every process; on a timeout kill them all and fail with their output."""
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"timed out after {timeout} s:\n{output(p)[-4000:]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p)
+    outs = [output(p) for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def launch(launcher_args, hydra_args, cwd, env):
     t0 = time.perf_counter()
-    proc = subprocess.run([ACCELERATE, "launch", *launcher_args, TRAIN_PY, *hydra_args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    wall_s = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return wall_s
+    finish([start([ACCELERATE, "launch", *launcher_args, TRAIN_PY, *hydra_args], cwd, env)])
+    return time.perf_counter() - t0
 
 
 def logged_world(run_dir) -> tuple:
@@ -163,20 +210,10 @@ def test_two_nodes_on_one_machine_match_one_process(reference, corpus, tmp_path,
     """Two launchers, machine_rank 0 and 1, each one process. Both are their node's local
     main process, so both build the (fresh) token cache at once and must agree on it."""
     run_dir, port = tmp_path / "run", free_port()
-    procs = [subprocess.Popen(
-        [ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
-         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         TRAIN_PY, *overrides(corpus, tmp_path / "cache", 2, f"run_dir={run_dir}")],
-        cwd=tmp_path, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True) for rank in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+    finish([start([ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                   TRAIN_PY, *overrides(corpus, tmp_path / "cache", 2, f"run_dir={run_dir}")], tmp_path, launch_env)
+            for rank in (0, 1)])
     assert logged_world(run_dir) == (2, "MULTI_CPU")
     assert_same_training(run_dir, reference.run_dir)
 
@@ -342,21 +379,20 @@ ODD_OVERRIDE = "trainer.sample_prompt=def f(x):  # 'quoted'"
 
 
 def _run_until_ready_then_signal(cmd, cwd, env, sig, n_ranks=2, timeout=180):
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start(cmd, cwd, env)
     try:
         deadline = time.time() + timeout
         while not all((cwd / f"ready{r}.json").exists() for r in range(n_ranks)):
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert proc.poll() is None, output(proc)[-4000:]
             assert time.time() < deadline, "the trainers never started"
             time.sleep(0.2)
         time.sleep(0.5)  # the ready file is written after the handlers are installed; be generous
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out
+            kill_tree(proc)
+    return proc.returncode, output(proc)
 
 
 def _ready(cwd, rank):

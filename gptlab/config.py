@@ -109,6 +109,9 @@ class TrainerConfig:
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None
+    # ddp: one process per device, the launch decides how many (recommended).
+    # dp: legacy torch.nn.DataParallel, one process splitting each micro batch over all local GPUs.
+    parallel: str = "ddp"
     sample_prompt: str = "import numpy as np\n"
     sample_max_new_tokens: int = 48
     # Checkpoint every save_every optimizer steps (0: only at the end and on SIGTERM/SIGINT);

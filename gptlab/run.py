@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder
 from .data.prepare import prepare
-from .distributed import agree_run_dir, make_accelerator, setup_logging
+from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
 from .generate import generate_text
 from .loop import train
 from .loss import make_loss_fn
@@ -63,7 +63,7 @@ def run(cfg) -> dict:
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
 
     tc = cfg.trainer
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,

@@ -18,6 +18,10 @@ class ModelConfig:
     n_positions: int = 1024
     dropout: float = 0.0
     attn_implementation: str = "sdpa"
+    # A local Hugging Face causal LM to fine-tune. Its own architecture and tokenizer are
+    # used (the keys above are ignored), and the tokenizer is never retrained.
+    pretrained_path: Optional[str] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -74,7 +78,7 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | adam | adafactor (betas and eps do not apply to adafactor)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -109,8 +113,21 @@ class TrainerConfig:
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None
-    sample_prompt: str = "import numpy as np\n"
+    # Generated at every evaluation, logged to TensorBoard (text) and metrics.jsonl.
+    sample_prompts: List[str] = field(default_factory=lambda: ["import numpy as np\n"])
     sample_max_new_tokens: int = 48
+
+
+@dataclass
+class GenerateConfig:
+    """How samples are drawn, in training and as the generate CLI's defaults for a run."""
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -129,6 +146,7 @@ class GptlabConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed: int = 1337
     # None: outputs/<experiment or "default">/<timestamp>, chosen once by rank 0.
     run_dir: Optional[str] = None

@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 import torch
 
 from .data.blocks import eval_batches
@@ -48,17 +50,6 @@ def perplexity(loss: float) -> float:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def run_overrides(source: Path) -> list[str]:
-    """The command-line overrides of the gptlab run a model came from, or [] for a foreign model."""
-    from omegaconf import OmegaConf
-
-    for d in (source, source.parent, source.parent.parent):
-        f = d / ".hydra" / "overrides.yaml"
-        if f.is_file():
-            return [str(o) for o in OmegaConf.load(f)]
-    return []
-
-
 def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -67,6 +58,21 @@ def compose_config(overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def eval_config(run_cfg, overrides: list[str]):
+    """The defaults plus `overrides`, except that a model from a gptlab run starts from that
+    run's data config and cache dir (so no overrides means its own validation split)."""
+    cfg = compose_config(overrides)
+    if run_cfg is None:
+        return cfg
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    if "data" not in given:  # no other data group chosen: the run's data, then any data.KEY=VALUE
+        dotted = OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")])
+        cfg.data = OmegaConf.merge(cfg.data, run_cfg.data, dotted.get("data", {}))
+    if "cache_dir" not in given:
+        cfg.cache_dir = run_cfg.cache_dir
+    return cfg
 
 
 def main(argv=None) -> dict:
@@ -88,8 +94,7 @@ def main(argv=None) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
     trained = load_trained(args.path)
-    overrides = run_overrides(trained.source) + list(args.overrides)
-    cfg = compose_config(overrides)
+    cfg = eval_config(trained.run_cfg, list(args.overrides))
     cfg.tokenizer.path = str(trained.tokenizer_dir)
     n_pos = max_positions(trained.model.config)
     if n_pos is not None and cfg.data.block_size > n_pos:
@@ -102,7 +107,8 @@ def main(argv=None) -> dict:
     metrics = evaluate(trained.model.to(accelerator.device), blocks, args.batch_size, accelerator)
     result = {"model": str(trained.source), "split": args.split, "loss": metrics["eval/loss"],
               "perplexity": metrics["eval/perplexity"], "tokens": metrics["eval/tokens"],
-              "blocks": len(blocks), "block_size": cfg.data.block_size, "overrides": overrides}
+              "blocks": len(blocks), "block_size": cfg.data.block_size,
+              "data": OmegaConf.to_container(cfg.data)}
     if accelerator.is_main_process:
         print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
               f"over {result['tokens']} tokens ({result['model']})", file=sys.stderr)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -154,5 +155,12 @@ class GptlabConfig:
     cache_dir: str = "~/.cache/gptlab"
 
 
+def _required(key: str):
+    # `key: ${required:key}` in an experiment: a YAML delta cannot use `???` (merging
+    # MISSING keeps the earlier value), so the value fails when first read instead.
+    raise ValueError(f"this experiment needs {key}=... on the command line")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="gptlab_schema", node=GptlabConfig)
+    OmegaConf.register_new_resolver("required", _required, replace=True)

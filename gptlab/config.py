@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -18,6 +19,10 @@ class ModelConfig:
     n_positions: int = 1024
     dropout: float = 0.0
     attn_implementation: str = "sdpa"
+    # A local Hugging Face causal LM to fine-tune. Its own architecture and tokenizer are
+    # used (the keys above are ignored), and the tokenizer is never retrained.
+    pretrained_path: Optional[str] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -74,7 +79,7 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | adam | adafactor (betas and eps do not apply to adafactor)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -112,12 +117,25 @@ class TrainerConfig:
     # ddp: one process per device, the launch decides how many (recommended).
     # dp: legacy torch.nn.DataParallel, one process splitting each micro batch over all local GPUs.
     parallel: str = "ddp"
-    sample_prompt: str = "import numpy as np\n"
+    # Generated at every evaluation, logged to TensorBoard (text) and metrics.jsonl.
+    sample_prompts: List[str] = field(default_factory=lambda: ["import numpy as np\n"])
     sample_max_new_tokens: int = 48
     # Checkpoint every save_every optimizer steps (0: only at the end and on SIGTERM/SIGINT);
     # a multiple of log_every. keep_last prunes older step_* checkpoints (null keeps all).
     save_every: int = 100
     keep_last: Optional[int] = 3
+
+
+@dataclass
+class GenerateConfig:
+    """How samples are drawn, in training and as the generate CLI's defaults for a run."""
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -136,6 +154,7 @@ class GptlabConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed: int = 1337
     # None: outputs/<experiment or "default">/<timestamp>, chosen once by rank 0.
     run_dir: Optional[str] = None
@@ -146,5 +165,12 @@ class GptlabConfig:
     resume: Optional[str] = None
 
 
+def _required(key: str):
+    # `key: ${required:key}` in an experiment: a YAML delta cannot use `???` (merging
+    # MISSING keeps the earlier value), so the value fails when first read instead.
+    raise ValueError(f"this experiment needs {key}=... on the command line")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="gptlab_schema", node=GptlabConfig)
+    OmegaConf.register_new_resolver("required", _required, replace=True)

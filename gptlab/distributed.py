@@ -14,6 +14,9 @@ PARALLEL_MODES = ("ddp", "dp")
 
 
 def resolve_mixed_precision(requested, cuda: bool) -> str:
+    if requested == "fp16" and not cuda:  # a GPU setting (seed 002): CPUs emulate fp16 matmuls slowly
+        logging.getLogger(__name__).warning("trainer.mixed_precision=fp16 needs a GPU; training in fp32 here")
+        return "no"
     if requested is not None:
         return requested
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"

@@ -1,5 +1,6 @@
 """The training loop, nothing else: micro-steps, accumulate, clip, step, log, evaluate."""
 import logging
+import math
 import time
 from contextlib import nullcontext
 
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
-          max_steps: int, start_step: int = 0, checkpoints=None) -> dict:
+          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None) -> dict:
     tc, sc = cfg.trainer, cfg.scheduler
     device = accelerator.device
     tokens_per_step = tc.micro_batch_size * train_blocks.block_size * tc.grad_accum * accelerator.num_processes
@@ -25,6 +26,9 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
     window, t_window = 0, time.perf_counter()
+    # With trainer.epochs, each epoch's mean train loss and the test loss at its end.
+    epoch_loss_sum = torch.zeros((), device=device)
+    epoch_steps, evaluated_at = 0, None
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -45,10 +49,12 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 # Dividing by grad_accum makes k micro-batches of b equal one batch of k*b.
                 accelerator.backward(loss / len(micro))
             loss_sum += loss.detach() / len(micro)
+            epoch_loss_sum += loss.detach() / len(micro)
         norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window += 1
+        epoch_steps += 1
         bar.update(1)
         # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
         stop = checkpoints is not None and checkpoints.stop_requested()
@@ -75,7 +81,25 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
             last.update(metrics)
             eval_loss = metrics["eval/loss"]
+            evaluated_at = t
+            if on_eval is not None:
+                on_eval(t)
             t_window = time.perf_counter()  # evaluation time is not training throughput
+
+        epoch = order.epoch_at(t)
+        crossed = math.floor(epoch) > math.floor(order.epoch_at(t - 1))
+        if tc.epochs is not None and (crossed or t == max_steps):
+            if evaluated_at != t:
+                metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
+            ep = {"epoch/epoch": math.floor(epoch) if crossed else math.ceil(epoch),
+                  "epoch/train_loss": accelerator.reduce(epoch_loss_sum, reduction="mean").item() / epoch_steps,
+                  "epoch/test_loss": metrics["eval/loss"]}
+            tracker.log(ep, t)
+            log.info("epoch %d: train loss %.4f, test loss %.4f", ep["epoch/epoch"], ep["epoch/train_loss"],
+                     ep["epoch/test_loss"])
+            epoch_loss_sum.zero_()
+            epoch_steps = 0
+            t_window = time.perf_counter()
         if checkpoints is not None:
             t_save = time.perf_counter()
             checkpoints.step_end(t, max_steps, eval_loss, stop)

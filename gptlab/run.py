@@ -10,10 +10,10 @@ from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder
 from .data.prepare import prepare
 from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
-from .generate import generate_text
+from .generate import log_samples
 from .loop import train
 from .loss import make_loss_fn
-from .model import build_model, count_parameters
+from .model import build_model, check_block_size, count_parameters
 from .optim import build_optimizer
 from .tokenizer import check_vocab
 from .tracking import Tracker
@@ -45,12 +45,15 @@ def run(cfg) -> dict:
     main = accelerator.is_main_process
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
+    if cfg.model.pretrained_path and not cfg.tokenizer.path:
+        cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s", run_dir,
              accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision)
 
     set_seed(cfg.seed)
+    check_block_size(cfg.model, cfg.data.block_size)
     data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
                    show_progress=main)
     tokenizer = data.tokenizer
@@ -79,19 +82,22 @@ def run(cfg) -> dict:
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
                       resume_step=start_step if cfg.resume else None)
+
+    def sample(step: int) -> None:  # after every evaluation, on the main process only
+        if main and tc.sample_prompts:
+            log_samples(accelerator.unwrap_model(model), tokenizer, tc.sample_prompts, step, tracker,
+                        tc.sample_max_new_tokens, cfg.seed, cfg.generate)
+
     try:
         with checkpoints.signals:
             result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
-                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints)
+                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample)
         accelerator.wait_for_everyone()
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
         elif main:
             unwrapped = accelerator.unwrap_model(model)
             export_hf(unwrapped, tokenizer, run_dir / "final")
-            sample = generate_text(unwrapped, tokenizer, tc.sample_prompt, tc.sample_max_new_tokens, seed=cfg.seed)
-            tracker.text("sample", sample, max_steps)
-            log.info("sample for %r:\n%s", tc.sample_prompt, sample)
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
                      result.get("eval/loss", float("nan")), run_dir / "final")

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .preemption import StopSignals
+from .validate import ConfigError, GptlabError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GptlabError, RuntimeError):
     """A checkpoint could not be written or read; the message says which one and why."""
 
 
@@ -163,27 +164,27 @@ def plan_run_dir(cfg):
     """Check the checkpoint and resume options before any work; return the run_dir to use."""
     tc = cfg.trainer
     if tc.save_every < 0:
-        raise ValueError(f"trainer.save_every={tc.save_every}: use a number of steps, or 0 to save only at the end")
+        raise ConfigError(f"trainer.save_every={tc.save_every}: use a number of steps, or 0 to save only at the end")
     if tc.keep_last is not None and tc.keep_last < 1:
-        raise ValueError(f"trainer.keep_last={tc.keep_last}: keep at least 1 checkpoint, or null to keep all")
+        raise ConfigError(f"trainer.keep_last={tc.keep_last}: keep at least 1 checkpoint, or null to keep all")
     if tc.save_every and tc.save_every % tc.log_every:
-        raise ValueError(f"trainer.save_every={tc.save_every} must be a multiple of trainer.log_every="
-                         f"{tc.log_every}, so a resumed run logs train/loss over the same steps")
+        raise ConfigError(f"trainer.save_every={tc.save_every} must be a multiple of trainer.log_every="
+                          f"{tc.log_every}, so a resumed run logs train/loss over the same steps")
     run_dir = cfg.run_dir
     if cfg.resume == "auto":
         if not run_dir:
-            raise ValueError("resume=auto continues the run in run_dir: set run_dir=PATH")
+            raise ConfigError("resume=auto continues the run in run_dir: set run_dir=PATH")
     elif cfg.resume:
         ckpt = Path(cfg.resume).expanduser().absolute()
         if not ckpt.is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint directory")
+            raise MissingPathError(f"resume={cfg.resume}: no such checkpoint directory")
         if not run_dir:
             if ckpt.parent.name != "checkpoints":
-                raise ValueError(f"resume={cfg.resume} is not inside a run's checkpoints/: set run_dir=PATH")
+                raise ConfigError(f"resume={cfg.resume} is not inside a run's checkpoints/: set run_dir=PATH")
             run_dir = str(ckpt.parent.parent)
     elif run_dir and list_checkpoints(Path(run_dir).expanduser()):
-        raise ValueError(f"run_dir={run_dir} already holds checkpoints: pass resume=auto to continue "
-                         f"that run, or choose another run_dir")
+        raise ConfigError(f"run_dir={run_dir} already holds checkpoints: pass resume=auto to continue "
+                          f"that run, or choose another run_dir")
     return run_dir
 
 

@@ -111,6 +111,14 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 100
     log_every: int = 10
+    # A step with a non-finite loss or grad norm: skip its update (weights and optimizer
+    # state untouched), or stop. max_skips skipped updates in a row stop the run.
+    nonfinite: str = "skip"  # skip | stop
+    max_skips: int = 10
+    # Skip an update whose loss is this many standard deviations above the mean of the
+    # last spike_window accepted steps (as llm.c does); None turns the guard off.
+    spike_zscore: Optional[float] = None
+    spike_window: int = 100
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None

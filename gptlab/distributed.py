@@ -8,14 +8,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from .validate import ConfigError, fast_cpu_precision
+
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("ddp", "dp")
 
 
 def resolve_mixed_precision(requested, cuda: bool) -> str:
-    if requested == "fp16" and not cuda:  # a GPU setting (seed 002): CPUs emulate fp16 matmuls slowly
-        logging.getLogger(__name__).warning("trainer.mixed_precision=fp16 needs a GPU; training in fp32 here")
+    # GPU settings (seed 002 asks for fp16) still run here: a CPU without native fp16/bf16
+    # matmul emulates it, ~70x slower than fp32 on this project's AVX2 machine.
+    if requested in ("fp16", "bf16") and not cuda and not fast_cpu_precision(requested):
+        log.warning("trainer.mixed_precision=%s: this CPU has no native %s matmul (emulated, ~70x slower); "
+                    "training in fp32 here", requested, requested)
         return "no"
     if requested is not None:
         return requested
@@ -34,11 +39,11 @@ def make_accelerator(trainer_cfg) -> Accelerator:
 
 def check_parallel(parallel: str, num_processes: int) -> None:
     if parallel not in PARALLEL_MODES:
-        raise ValueError(f"trainer.parallel={parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
+        raise ConfigError(f"trainer.parallel={parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
     if parallel == "dp" and num_processes > 1:
-        raise ValueError(f"trainer.parallel=dp runs ONE process over all local GPUs, but this launch started "
-                         f"{num_processes}; use `python train.py` or `accelerate launch --num_processes 1`, "
-                         f"or trainer.parallel=ddp")
+        raise ConfigError(f"trainer.parallel=dp runs ONE process over all local GPUs, but this launch started "
+                          f"{num_processes}; use `python train.py` or `accelerate launch --num_processes 1`, "
+                          f"or trainer.parallel=ddp")
 
 
 class DataParallelLM(torch.nn.DataParallel):
@@ -100,8 +105,8 @@ def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
     hc = _hydra_config()
     multirun = _is_multirun(hc)
     if multirun and accelerator.num_processes > 1:
-        raise ValueError("Hydra multirun (-m) inside a multi-process launch would run the whole sweep on every "
-                         "rank; start one `accelerate launch` per job instead (README, 'Launch modes')")
+        raise ConfigError("Hydra multirun (-m) inside a multi-process launch would run the whole sweep on every "
+                          "rank; start one `accelerate launch` per job instead (README, 'Launch modes')")
     chosen = [None]
     if accelerator.is_main_process:
         if run_dir:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from .validate import ConfigError, MissingPathError
+
 log = logging.getLogger(__name__)
 
 
@@ -14,7 +16,7 @@ def build_model(model_cfg, tokenizer, block_size: int):
         return load_pretrained(model_cfg, tokenizer, block_size)
     check_block_size(model_cfg, block_size)
     if model_cfg.n_embd % model_cfg.n_head:
-        raise ValueError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
+        raise ConfigError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=model_cfg.n_positions,
@@ -38,8 +40,8 @@ def build_model(model_cfg, tokenizer, block_size: int):
 def pretrained_dir(model_cfg) -> Path:
     path = Path(model_cfg.pretrained_path).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.pretrained_path={model_cfg.pretrained_path}: no config.json there; "
-                                "expected a local Hugging Face model directory (save_pretrained)")
+        raise MissingPathError(f"model.pretrained_path={model_cfg.pretrained_path}: no config.json there; "
+                               "expected a local Hugging Face model directory (save_pretrained)")
     return path
 
 
@@ -54,13 +56,13 @@ def check_block_size(model_cfg, block_size: int) -> None:
     """Before any data is prepared: a block longer than the position table cannot train."""
     if not model_cfg.pretrained_path:
         if block_size > model_cfg.n_positions:
-            raise ValueError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
+            raise ConfigError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
         return
     path = pretrained_dir(model_cfg)
     n_pos = max_positions(AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code))
     if n_pos is not None and block_size > n_pos:
-        raise ValueError(f"data.block_size={block_size} exceeds the {n_pos} positions of the pretrained model "
-                         f"in {path}; set data.block_size<={n_pos}")
+        raise ConfigError(f"data.block_size={block_size} exceeds the {n_pos} positions of the pretrained model "
+                          f"in {path}; set data.block_size<={n_pos}")
 
 
 def load_pretrained(model_cfg, tokenizer, block_size: int):

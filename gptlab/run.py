@@ -3,6 +3,7 @@ import logging
 import math
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
@@ -17,6 +18,7 @@ from .model import build_model, check_block_size, count_parameters
 from .optim import build_optimizer
 from .tokenizer import check_vocab
 from .tracking import Tracker
+from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    check_config(cfg)
+    check_environment(cfg, torch.cuda.is_available())
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
@@ -64,6 +68,7 @@ def run(cfg) -> dict:
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+    check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
@@ -72,6 +77,7 @@ def run(cfg) -> dict:
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     max_steps = resolve_max_steps(tc, order)
+    check_warmup(cfg.scheduler.warmup_steps, max_steps)
     global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
     log.info("global batch %d = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
              "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,

@@ -12,6 +12,8 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
+from .validate import ConfigError
+
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
@@ -87,5 +89,5 @@ def tokenizer_hash(path: str | Path) -> str:
 def check_vocab(tokenizer, embedding_rows: int) -> None:
     """Every token id must have an embedding row, or the first batch fails deep in torch."""
     if len(tokenizer) > embedding_rows:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
-                         f"{embedding_rows} rows; use the model's own tokenizer or resize the embedding")
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                          f"{embedding_rows} rows; use the model's own tokenizer or resize the embedding")

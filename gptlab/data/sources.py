@@ -19,6 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator, List, Sequence, Tuple
 
+from ..validate import GptlabError
+
 log = logging.getLogger(__name__)
 
 # Generated tables and vendored blobs teach a model nothing about code.
@@ -28,7 +30,7 @@ READ_BLOCK_BYTES = 1 << 20
 Doc = Tuple[str, str]
 
 
-class DataError(ValueError):
+class DataError(GptlabError, ValueError):
     """Bad data input: a one-line message that names the file, line or setting."""
 
 

@@ -68,10 +68,18 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
+# A model directory (model.pretrained_path) holds the tokenizer beside the weights, which
+# must not key the token cache: hashing them costs a read of every byte, and a fine-tuned
+# export with the same tokenizer would miss the cache.
+MODEL_FILES = ("config.json", "generation_config.json")
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+
+
 def tokenizer_hash(path: str | Path) -> str:
-    """Content hash of a saved tokenizer directory (its files, not their mtimes)."""
+    """Content hash of a saved tokenizer directory (its files, not their mtimes; no model files)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).expanduser().iterdir() if p.is_file()):
+    for f in sorted(p for p in Path(path).expanduser().iterdir()
+                    if p.is_file() and p.name not in MODEL_FILES and not p.name.endswith(MODEL_SUFFIXES)):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -86,6 +86,22 @@ def test_finetune_a_gptlab_export(trained_run, tmp_path, cache_dir, tiny_corpus)
     assert len(list((cache_dir / "tokenizers").iterdir())) == n_tokenizers
 
 
+def test_token_cache_key_ignores_the_weights_beside_the_tokenizer(trained_run, tmp_path):
+    """A fine-tuned export keeps its tokenizer, so its next fine-tune must hit the token cache."""
+    import shutil
+
+    from gptlab.tokenizer import tokenizer_hash
+
+    export = shutil.copytree(trained_run[0] / "final", tmp_path / "export")
+    before = tokenizer_hash(export)
+    with open(export / "model.safetensors", "ab") as f:
+        f.write(b"other weights")
+    (export / "config.json").write_text("{}")
+    assert tokenizer_hash(export) == before
+    (export / "tokenizer_config.json").write_text("{}")
+    assert tokenizer_hash(export) != before
+
+
 def test_evaluate_cli(trained_run, tmp_path, capsys):
     from gptlab.evaluate import main
 

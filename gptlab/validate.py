@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ def check_block_size(block_size: int, n_positions: int) -> None:
 
 
 def check_config(cfg) -> None:
+    try:  # interpolations first, such as an experiment's ${required:data.files}
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(str(e).splitlines()[0].split("resolving interpolation: ")[-1]) from None
     for key in POSITIVE:
         value = _get(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")

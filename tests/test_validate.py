@@ -58,6 +58,11 @@ def test_config_table(override, message):
     assert "\n" not in str(err.value)
 
 
+def test_an_experiment_setting_left_unset_is_named():
+    with pytest.raises(ConfigError, match=r"^this experiment needs data\.files=\.\.\. on the command line$"):
+        check_config(compose(["experiment=codeparrot"]))
+
+
 def test_good_configs_pass():
     for overrides in ([], ["debug=smoke"], ["model=gpt2_124m"], ["loss=keytoken", "loss.keywords=[def]"],
                       ["scheduler=linear", "trainer.spike_zscore=4"]):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,6 @@ class MissingPathError(ConfigError, FileNotFoundError):
     """A config value names a file or directory that is not there."""
 
 
-def _get(cfg, key: str):
-    # None for a key this schema does not have (model.pretrained_path comes with fine-tuning).
-    return OmegaConf.select(cfg, key, default=None)
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -60,13 +56,13 @@ def check_warmup(warmup_steps: int, max_steps: int) -> None:
                     "optim.lr and never decays", warmup_steps, max_steps)
 
 
-def check_block_size(block_size: int, n_positions: int) -> None:
-    _require(block_size <= n_positions, f"data.block_size={block_size} exceeds model.n_positions={n_positions}")
-
-
 def check_config(cfg) -> None:
+    try:  # interpolations first, such as an experiment's ${required:data.files}
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(str(e).splitlines()[0].split("resolving interpolation: ")[-1]) from None
     for key in POSITIVE:
-        value = _get(cfg, key)
+        value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")
     tc, mc, oc, sc = cfg.trainer, cfg.model, cfg.optim, cfg.scheduler
     _require(tc.epochs is None or tc.epochs >= 1, f"trainer.epochs={tc.epochs} must be at least 1 (or null)")
@@ -78,8 +74,9 @@ def check_config(cfg) -> None:
              f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
     _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
 
-    if not _get(cfg, "model.pretrained_path"):  # a pretrained model brings its own shape
-        check_block_size(cfg.data.block_size, mc.n_positions)
+    from .model import check_block_size
+    check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
+    if not mc.pretrained_path:  # a pretrained model brings its own shape
         _require(mc.n_embd % mc.n_head == 0, f"model.n_embd={mc.n_embd} is not divisible by model.n_head={mc.n_head}")
         _require(0 <= mc.dropout < 1, f"model.dropout={mc.dropout} must be in [0, 1)")
         if not cfg.tokenizer.path:
@@ -167,21 +164,11 @@ def check_disk(run_dir: Path, n_params: int) -> None:
                            f"(~{need / 2**20:.0f} MiB: {n_params:,} parameters x fp32 weights and 2 Adam moments)")
 
 
-def model_positions(config):
-    for key in ("n_positions", "max_position_embeddings"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return None
-
-
 def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_dir: Path) -> None:
     """The model and data against each other and the config; before the optimizer exists."""
     from .model import count_parameters
 
     T, b = cfg.data.block_size, cfg.trainer.micro_batch_size
-    n_pos = model_positions(model.config)
-    if n_pos is not None:
-        check_block_size(T, n_pos)
     _require(len(train_blocks) >= b,
              f"the training set has {len(train_blocks)} blocks of data.block_size={T}, fewer than one "
              f"micro batch (trainer.micro_batch_size={b})")

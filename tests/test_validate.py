@@ -58,6 +58,22 @@ def test_config_table(override, message):
     assert "\n" not in str(err.value)
 
 
+def test_an_experiment_setting_left_unset_is_named():
+    with pytest.raises(ConfigError, match=r"^this experiment needs data\.files=\.\.\. on the command line$"):
+        check_config(compose(["experiment=codeparrot"]))
+
+
+def test_fine_tune_mode_checks_the_pretrained_model(tmp_path):
+    from gptlab.validate import MissingPathError
+
+    _tiny_gpt2(n_positions=32).save_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^data\.block_size=64 exceeds the 32 positions of the pretrained model"):
+        check_config(compose(["debug=smoke", f"model.pretrained_path={tmp_path}"]))
+    check_config(compose(["debug=smoke", f"model.pretrained_path={tmp_path}", "data.block_size=32"]))
+    with pytest.raises(MissingPathError, match=r"^model\.pretrained_path=.*/nope: no config\.json there"):
+        check_config(compose(["debug=smoke", f"model.pretrained_path={tmp_path / 'nope'}"]))
+
+
 def test_good_configs_pass():
     for overrides in ([], ["debug=smoke"], ["model=gpt2_124m"], ["loss=keytoken", "loss.keywords=[def]"],
                       ["scheduler=linear", "trainer.spike_zscore=4"]):
@@ -151,7 +167,6 @@ def test_run_checks_pass_on_a_consistent_setup(tmp_path):
 
 
 RUN_TABLE = [
-    (dict(model=_tiny_gpt2(n_positions=32)), r"^data\.block_size=64 exceeds model\.n_positions=32$"),
     (dict(n_train=3), r"^the training set has 3 blocks of data\.block_size=64, fewer than one micro batch "
                       r"\(trainer\.micro_batch_size=4\)$"),
     (dict(n_valid=3), r"^the validation set has 3 blocks of data\.block_size=64, fewer than one batch "
@@ -160,7 +175,7 @@ RUN_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, message", RUN_TABLE, ids=["positions", "train", "valid", "valid_ddp"])
+@pytest.mark.parametrize("kwargs, message", RUN_TABLE, ids=["train", "valid", "valid_ddp"])
 def test_run_table(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         _check_run(tmp_path, **kwargs)

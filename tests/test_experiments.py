@@ -143,10 +143,10 @@ def test_jsonl_finetune_reports_each_epoch(tmp_path, cache_dir):
     texts = paragraphs("detstvo")
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     train.write_text("".join(json.dumps({"input": p}, ensure_ascii=False) + "\n" for p in texts[10:16]))
-    test.write_text("".join(json.dumps({"input": p}, ensure_ascii=False) + "\n" for p in texts[40:42]))
+    test.write_text("".join(json.dumps({"input": p}, ensure_ascii=False) + "\n" for p in texts[40:52]))
     run_training(smoke(tmp_path / "run", cache_dir, "experiment=jsonl_finetune", f"model.pretrained_path={TINY_GPT2}",
                        f"data.files=[{train}]", f"data.valid_files=[{test}]", "trainer.epochs=2",
-                       "trainer.micro_batch_size=32", "trainer.max_steps=1000"))
+                       "trainer.micro_batch_size=8", "trainer.max_steps=1000"))
     rows = read_metrics(tmp_path / "run")
     epochs = [r for r in rows if "epoch/epoch" in r]
     assert [r["epoch/epoch"] for r in epochs] == [1, 2]

@@ -38,6 +38,19 @@ def run_training(overrides=()):
         GradientState._reset_state()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: bit-exact comparisons need every run, here and in subprocesses,
+    to use the same count, and one thread is far faster than spin-waiting OpenMP on
+    shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One tokenizer/token cache for the whole session: runs after the first reuse it."""

@@ -12,13 +12,7 @@ import torch
 from conftest import ROOT, compose, read_metrics, run_training, series
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The same thread count for every run compared here; also far faster on shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,14 @@ from .checkpoint import CheckpointError, export_hf, find_checkpoint, read_traine
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(ckpt, out_dir) -> Path:
-    """Any checkpoint (or a run's latest) as a Hugging Face model directory."""
+def load_checkpoint_model(ckpt):
+    """(model, tokenizer, checkpoint dir) of a checkpoint, or of a run's latest complete one."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .tokenizer import load_tokenizer
 
     ckpt = find_checkpoint(ckpt)
-    step = read_trainer_state(ckpt)["step"]
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(ckpt / "hf_config")))
     weights = {_strip_wrappers(k): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
     params = model.state_dict()
@@ -32,8 +31,14 @@ def export_checkpoint(ckpt, out_dir) -> Path:
         raise CheckpointError(f"{ckpt}: the weights do not match hf_config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.load_state_dict(weights, strict=False)
-    out = export_hf(model, load_tokenizer(ckpt / "tokenizer"), out_dir)
-    log.info("exported %s (step %d) to %s", ckpt, step, out)
+    return model, load_tokenizer(ckpt / "tokenizer"), ckpt
+
+
+def export_checkpoint(ckpt, out_dir) -> Path:
+    """Any checkpoint (or a run's latest) as a Hugging Face model directory."""
+    model, tokenizer, ckpt = load_checkpoint_model(ckpt)
+    out = export_hf(model, tokenizer, out_dir)
+    log.info("exported %s (step %d) to %s", ckpt, read_trainer_state(ckpt)["step"], out)
     return out
 
 

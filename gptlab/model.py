@@ -101,11 +101,6 @@ def run_config(path: Path):
     return next((OmegaConf.load(f) for f in candidates if f.is_file()), None)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted(d for d in (run_dir / "checkpoints").glob("step_*") if d.is_dir())
-    return ckpts[-1] if ckpts else None
-
-
 @dataclass
 class Trained:
     model: object
@@ -118,39 +113,29 @@ class Trained:
 def load_trained(path, device: str = "cpu") -> Trained:
     """The model and tokenizer of an HF export, a run dir or a checkpoint dir.
 
-    A run dir means its final/ export, or its latest checkpoint if the run did not finish.
-    A checkpoint is rebuilt from the run's config and tokenizer, then its weights are loaded.
+    A run dir means its final/ export, or its latest complete checkpoint if the run did not
+    finish; a checkpoint's model is built from its hf_config/ and loaded with its weights.
     """
-    from safetensors.torch import load_model
-
+    from .checkpoint import CheckpointError
+    from .export import load_checkpoint_model
     from .tokenizer import load_tokenizer
 
     path = Path(path).expanduser().absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected an HF export, a run dir or a checkpoint)")
-    if not _is_export(path) and not (path / "model.safetensors").is_file():
-        if _is_export(path / "final"):
-            path = path / "final"
-        elif latest_checkpoint(path) is not None:
-            path = latest_checkpoint(path)
-        else:
-            raise FileNotFoundError(f"{path} holds no model: no config.json with weights, no final/ "
-                                    "export and no checkpoints/step_*")
-    cfg = run_config(path)
+    if not _is_export(path) and _is_export(path / "final"):
+        path = path / "final"
     if _is_export(path):
-        tokenizer = load_tokenizer(path)
-        model, tok_dir = AutoModelForCausalLM.from_pretrained(str(path)), path
-    else:  # a training checkpoint: bare weights beside the run's config and tokenizer
-        if cfg is None:
-            raise FileNotFoundError(f"checkpoint {path} has no resolved config (config.yaml or ../../.hydra)")
-        tok_dir = next((d for d in (path / "tokenizer", path.parent.parent / "tokenizer") if d.is_dir()), None)
-        if tok_dir is None:
-            raise FileNotFoundError(f"checkpoint {path} has no tokenizer/ (nor does its run dir)")
-        tokenizer = load_tokenizer(tok_dir)
-        model = build_model(cfg.model, tokenizer, cfg.data.block_size)
-        load_model(model, str(path / "model.safetensors"))
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(str(path)), load_tokenizer(path)
+    else:  # a training checkpoint, or the latest complete one of a run that did not finish
+        try:
+            model, tokenizer, path = load_checkpoint_model(path)
+        except CheckpointError as e:
+            raise FileNotFoundError(f"no model here: no HF export (config.json with weights), no final/, "
+                                    f"and {e}") from None
     log.info("loaded %s from %s", type(model).__name__, path)
-    return Trained(model.to(device).eval(), tokenizer, tok_dir, path, cfg)
+    return Trained(model.eval().to(device), tokenizer, path if _is_export(path) else path / "tokenizer", path,
+                   run_config(path))
 
 
 def count_parameters(model) -> int:

@@ -24,7 +24,8 @@ REQUIRED = {"tolstoy_finetune": ["model.pretrained_path=/m"], "jsonl_finetune": 
 SEED_SETTINGS = {
     "tolstoy_scratch": {"data.source": "librus_html", "data.block_size": 1024, "model.n_layer": 12,
                         "model.pretrained_path": None, "tokenizer.path": None, "optim.lr": 5e-5,
-                        "scheduler.warmup_steps": 200, "trainer.sample_prompts": ["Пьер закашлялся и"]},
+                        "scheduler.warmup_steps": 200, "trainer.sample_prompts": ["Пьер закашлялся и"],
+                        "trainer.save_every": 1500, "trainer.keep_last": 3},
     "tolstoy_finetune": {"data.source": "librus_html", "model.pretrained_path": "/m", "optim.lr": 5e-5,
                          "scheduler.warmup_steps": 200, "generate.top_k": 3, "generate.do_sample": True,
                          "trainer.sample_prompts": ["Мне нравится, что вы "]},
@@ -39,7 +40,7 @@ SEED_SETTINGS = {
     "wikibooks": {"data.source": "sqlite", "data.query": "SELECT body_text FROM ru LIMIT 3300",
                   "data.valid_fraction": 0.2, "data.split_seed": 0, "data.block_size": 64, "optim.name": "adafactor",
                   "optim.lr": 2e-4, "scheduler.name": "cosine", "trainer.grad_accum": 2,
-                  "trainer.micro_batch_size": 64, "seed": 42, "generate.num_beams": 2, "generate.temperature": 1.5,
+                  "trainer.micro_batch_size": 64, "trainer.save_every": 1000, "seed": 42, "generate.num_beams": 2, "generate.temperature": 1.5,
                   "generate.top_p": 0.9},
 }
 

@@ -86,28 +86,30 @@ def test_cli_defaults_come_from_the_run_and_prompts_file(trained_run, tmp_path, 
         cli(capsys, run_dir, "--prompt", "a", "--no-do_sample", "--num_return_sequences", 2)
 
 
-def test_checkpoint_dir_and_unfinished_run(trained_run, untrained_export, tmp_path):
-    """A run without final/ loads its latest checkpoint: weights rebuilt from the run's config."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM
-
+def test_checkpoint_dir_and_unfinished_run(trained_run, tmp_path):
+    """A checkpoint generates like the export of the same step; a run without final/ uses its
+    latest complete checkpoint, skipping a truncated one."""
     from gptlab.generate import generate
     from gptlab.model import load_trained
 
     run_dir = trained_run[0]
-    crashed = tmp_path / "run"
-    shutil.copytree(run_dir / ".hydra", crashed / ".hydra")
-    shutil.copytree(run_dir / "tokenizer", crashed / "tokenizer")
-    for step, src in (("step_0000020", untrained_export), ("step_0000040", run_dir / "final")):
-        (crashed / "checkpoints" / step).mkdir(parents=True)
-        save_model(AutoModelForCausalLM.from_pretrained(src), str(crashed / "checkpoints" / step / "model.safetensors"))
-    t = load_trained(crashed)
-    assert t.source.name == "step_0000040" and t.run_cfg.trainer.max_steps == 40
     ref = load_trained(run_dir / "final")
-    assert generate(t.model, t.tokenizer, "def ", 16, seed=2) == generate(ref.model, ref.tokenizer, "def ", 16, seed=2)
-    assert load_trained(crashed / "checkpoints" / "step_0000020").source.name == "step_0000020"
-    with pytest.raises(FileNotFoundError, match="holds no model"):
-        load_trained(tmp_path)
+    expected = generate(ref.model, ref.tokenizer, "def ", 16, seed=2)
+    ckpt = run_dir / "checkpoints" / "step_0000040"
+    t = load_trained(ckpt)
+    assert t.source == ckpt and t.run_cfg.trainer.max_steps == 40
+    assert generate(t.model, t.tokenizer, "def ", 16, seed=2) == expected
+
+    crashed = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("final"))
+    broken = shutil.copytree(crashed / "checkpoints" / "step_0000040", crashed / "checkpoints" / "step_0000050")
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    t = load_trained(crashed)
+    assert t.source.name == "step_0000040"
+    assert generate(t.model, t.tokenizer, "def ", 16, seed=2) == expected
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        load_trained(tmp_path / "empty")
 
 
 def test_training_logs_samples_at_every_evaluation(trained_run):

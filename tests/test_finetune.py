@@ -76,9 +76,9 @@ def test_finetune_a_gptlab_export(trained_run, tmp_path, cache_dir, tiny_corpus)
     """Fine-tuning starts exactly where the export ended: same weights, tokenizer and data."""
     run_dir, result = trained_run
     n_tokenizers = len(list((cache_dir / "tokenizers").iterdir()))
-    # lr 0: the first evaluation must reproduce the exported model's final eval/loss
+    # lr ~0 (0 itself is refused): the first evaluation must reproduce the export's final eval/loss
     run_training(tiny_data(tmp_path, cache_dir, tiny_corpus, f"model.pretrained_path={run_dir / 'final'}",
-                           "optim.lr=0", "scheduler=constant", "trainer.max_steps=1",
+                           "optim.lr=1e-12", "scheduler=constant", "trainer.max_steps=1",
                            "trainer.sample_prompts=[]"))
     assert series(read_metrics(tmp_path), "eval/loss")[0][1] == pytest.approx(result["eval/loss"], abs=1e-6)
     assert (tmp_path / "tokenizer" / "tokenizer.json").read_text() == \

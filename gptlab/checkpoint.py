@@ -1,10 +1,430 @@
-"""Exports in Hugging Face format."""
+"""Checkpoints you can trust: atomic saves, keep-N plus best, exact resume, stop on a signal.
+
+A checkpoint is a directory, `run_dir/checkpoints/step_0000100/`, holding Accelerate's
+state (`model.safetensors`, `optimizer.bin`, `random_states_<rank>.pkl` for every
+process, `scaler.pt` under fp16), the resolved `config.yaml`, the `tokenizer/`, the
+model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes).
+The data loader's position is the step itself: the training order is a pure function of
+(seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
+continue mid-epoch.
+"""
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .preemption import StopSignals
+from .validate import ConfigError, GptlabError, MissingPathError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+DATA_POSITION = ("the training order is a pure function of (seed, optimizer step): "
+                 "resuming at step s reads exactly the blocks the uninterrupted run reads from s on")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Settings that may change between a run and its resumption without a warning.
+_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
+
+
+class CheckpointError(GptlabError, RuntimeError):
+    """A checkpoint could not be written or read; the message says which one and why."""
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir) -> list:
+    """The run's step_* directories, oldest first. Temporary and superseded ones never match."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------------------- save
+
+def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, trainer_state=None) -> Path:
+    """Write a complete checkpoint to `out_dir` atomically; every process must call it.
+
+    Everything goes to a temporary sibling that is renamed to `out_dir` only when it is
+    complete and on disk, so a kill at any moment leaves the earlier checkpoints and never
+    a directory that looks valid. A failed write (disk full, read-only) removes the
+    temporary directory and raises CheckpointError on every process.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    main = accelerator.is_main_process
+    what = f"could not save checkpoint {out_dir} (earlier checkpoints are untouched)"
+
+    def start():
+        if main:
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+
+    def finish():
+        if not main:
+            return
+        OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        accelerator.unwrap_model(model).config.save_pretrained(str(tmp / "hf_config"))
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        state = {"format": FORMAT_VERSION, "step": step, **(trainer_state or {}), "files": files,
+                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        # Written last: a directory without it is never a checkpoint.
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, out_dir)
+
+    try:
+        _on_every_process(accelerator, what, start)
+        _on_every_process(accelerator, what, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+        _on_every_process(accelerator, what, finish)
+    except CheckpointError:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def export_hf(model, tokenizer, out_dir: Path) -> Path:
-    """save_pretrained (safetensors) plus the tokenizer: loadable by from_pretrained and pipeline()."""
+    """save_pretrained (safetensors) plus the tokenizer, loadable by from_pretrained and pipeline().
+
+    Written to a temporary directory and renamed, like a checkpoint.
+    """
     out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    _remove(tmp)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    _fsync_tree(tmp)
+    _replace_dir(tmp, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------------- load
+
+def read_trainer_state(ckpt) -> dict:
+    """trainer_state.json, after checking that every file it lists is there at its recorded size."""
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} has no {STATE_FILE}, so it is not a complete checkpoint") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable: {e}") from e
+    for rel, size in state.get("files", {}).items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt}: {rel} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{ckpt}: {rel} has {path.stat().st_size} bytes instead of {size} (truncated?)")
+    return state
+
+
+def load_checkpoint(accelerator, ckpt) -> dict:
+    """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json."""
+    state = read_trainer_state(ckpt)
+    if state.get("world_size") == accelerator.num_processes:
+        from accelerate.utils import load
+        # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
+        load(Path(ckpt) / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
+    accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
+    return state
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint directory, or the latest complete checkpoint of a run directory."""
+    path = Path(path).expanduser()
+    if (path / STATE_FILE).is_file():
+        return path
+    if path.name == "checkpoints":
+        path = path.parent
+    for ckpt in reversed(list_checkpoints(path)):
+        try:
+            read_trainer_state(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            log.warning("skipping %s", e)
+    raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
+
+
+# ---------------------------------------------------------------------------- policy
+
+def plan_run_dir(cfg):
+    """Check the checkpoint and resume options before any work; return the run_dir to use."""
+    tc = cfg.trainer
+    if tc.save_every < 0:
+        raise ConfigError(f"trainer.save_every={tc.save_every}: use a number of steps, or 0 to save only at the end")
+    if tc.keep_last is not None and tc.keep_last < 1:
+        raise ConfigError(f"trainer.keep_last={tc.keep_last}: keep at least 1 checkpoint, or null to keep all")
+    if tc.save_every and tc.save_every % tc.log_every:
+        raise ConfigError(f"trainer.save_every={tc.save_every} must be a multiple of trainer.log_every="
+                          f"{tc.log_every}, so a resumed run logs train/loss over the same steps")
+    run_dir = cfg.run_dir
+    if cfg.resume == "auto":
+        if not run_dir:
+            raise ConfigError("resume=auto continues the run in run_dir: set run_dir=PATH")
+    elif cfg.resume:
+        ckpt = Path(cfg.resume).expanduser().absolute()
+        if not ckpt.is_dir():
+            raise MissingPathError(f"resume={cfg.resume}: no such checkpoint directory")
+        if not run_dir:
+            if ckpt.parent.name != "checkpoints":
+                raise ConfigError(f"resume={cfg.resume} is not inside a run's checkpoints/: set run_dir=PATH")
+            run_dir = str(ckpt.parent.parent)
+    elif run_dir and list_checkpoints(Path(run_dir).expanduser()):
+        raise ConfigError(f"run_dir={run_dir} already holds checkpoints: pass resume=auto to continue "
+                          f"that run, or choose another run_dir")
+    return run_dir
+
+
+class _SharedTensorNote(logging.Filter):
+    # Accelerate warns on every save that GPT-2's tied LM head is stored once; that is expected.
+    def filter(self, record):
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def _quiet_accelerate() -> None:
+    """Accelerate logs each file of each save at INFO; gptlab logs one line per checkpoint."""
+    for name in ("accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    other = logging.getLogger("accelerate.utils.other")
+    if not any(isinstance(f, _SharedTensorNote) for f in other.filters):
+        other.addFilter(_SharedTensorNote())
+
+
+class Checkpoints:
+    """When to save, what to keep, what to resume from, and when to stop, for one run.
+
+    step_* directories are pruned to the newest `trainer.keep_last`; `checkpoints/best/`
+    holds the checkpoint with the lowest eval/loss so far and is only ever replaced by a
+    better one.
+    """
+
+    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order):
+        self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.root = Path(run_dir) / "checkpoints"
+        self.save_every, self.keep_last = cfg.trainer.save_every, cfg.trainer.keep_last
+        self.best = None  # {"step": s, "eval/loss": x}
+        self.latest = None
+        self.stopped = None  # the signal's name once a stop was agreed
+        self.signals = StopSignals(accelerator)
+        _quiet_accelerate()
+
+    # -- the loop's hooks
+
+    def stop_requested(self) -> bool:
+        """Whether any process got SIGTERM/SIGINT; every process gets the same answer."""
+        if self.signals.requested():
+            self.stopped = self.signals.received or "a signal to another process"
+            log.warning("stop requested (%s): saving a checkpoint and stopping", self.stopped)
+            return True
+        return False
+
+    def step_end(self, step: int, max_steps: int, eval_loss=None, stop: bool = False) -> None:
+        """Save when due (every save_every steps, at max_steps, on stop) and when eval/loss improves."""
+        improved = eval_loss is not None and math.isfinite(eval_loss) and (
+            self.best is None or eval_loss < self.best["eval/loss"])
+        if improved:
+            self.best = {"step": step, "eval/loss": eval_loss}
+        saved = None
+        if stop or step == max_steps or (self.save_every and step % self.save_every == 0):
+            saved = self.latest = self.save(checkpoint_dir(self.root.parent, step), step, max_steps, eval_loss)
+            self._prune()
+        if improved:
+            if saved is None:
+                self.save(self.root / "best", step, max_steps, eval_loss)
+            else:
+                _on_every_process(self.acc, f"could not copy {saved} to {self.root / 'best'}",
+                                  lambda: self.acc.is_main_process and _link_copy(saved, self.root / "best"))
+
+    def save(self, out_dir, step: int, max_steps: int, eval_loss=None) -> Path:
+        tc = self.cfg.trainer
+        state = {
+            "max_steps": max_steps,
+            "epoch": self.order.epoch_at(step),
+            "world_size": self.acc.num_processes,
+            "data_position": {"optimizer_step": step, "seed": self.cfg.seed,
+                              "global_batch": tc.micro_batch_size * tc.grad_accum * self.acc.num_processes,
+                              "how": DATA_POSITION},
+            "eval/loss": eval_loss,
+            "best": self.best,
+        }
+        out = save_checkpoint(self.acc, out_dir, step=step, model=self.model, cfg=self.cfg,
+                              tokenizer=self.tokenizer, trainer_state=state)
+        log.info("saved checkpoint %s", out)
+        return out
+
+    def _prune(self) -> None:
+        if not self.acc.is_main_process or self.keep_last is None:
+            return
+        for old in list_checkpoints(self.root.parent)[:-self.keep_last]:
+            try:
+                _remove(old)
+            except OSError as e:
+                log.warning("could not remove old checkpoint %s: %s", old, e)
+
+    # -- resume
+
+    def resume(self, spec) -> int:
+        """Load the checkpoint `spec` names (None, "auto" or a path); return the step to start from."""
+        if not spec:
+            return 0
+        auto = spec == "auto"
+        candidates = list(reversed(list_checkpoints(self.root.parent))) if auto else [Path(spec).expanduser()]
+        if not candidates:
+            log.info("resume=auto: no checkpoint in %s yet, starting at step 0", self.root)
+            self._supersede_after(0)
+            return 0
+        for ckpt in candidates:
+            err = None
+            try:
+                state = load_checkpoint(self.acc, ckpt)
+            except Exception as e:  # noqa: BLE001  (truncated or missing files raise many types)
+                err = e
+            if _all_true(self.acc, err is None):
+                break
+            reason = err if err is not None else "it failed to load on another process"
+            if not auto:
+                raise CheckpointError(f"resume={spec}: cannot load {ckpt}: {reason}") from err
+            log.warning("checkpoint %s failed to load (%s); falling back to the previous one", ckpt.name, reason)
+        else:
+            raise CheckpointError(f"resume=auto: none of the {len(candidates)} checkpoints in {self.root} "
+                                  f"loads (reasons above)")
+        step, self.best = state["step"], state.get("best")
+        self._warn_differences(ckpt, state)
+        self._supersede_after(step)
+        log.info("resumed from %s: step %d, epoch %.2f, best eval/loss %s", ckpt, step, state.get("epoch", 0.0),
+                 self.best and f"{self.best['eval/loss']:.4f} at step {self.best['step']}")
+        return step
+
+    def _warn_differences(self, ckpt, state) -> None:
+        if state.get("world_size") != self.acc.num_processes:
+            log.warning("%s was written by %s process(es), this run has %d: RNG streams are not restored "
+                        "and the data order matches only if the global batch is the same",
+                        ckpt, state.get("world_size"), self.acc.num_processes)
+        try:
+            then = _flatten(OmegaConf.to_container(OmegaConf.load(Path(ckpt) / "config.yaml"), resolve=True))
+        except OSError:
+            return
+        now = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        changed = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
+                   if k not in _FREE_TO_CHANGE and then.get(k) != now.get(k)]
+        if changed:
+            log.warning("resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
+
+    def _supersede_after(self, step: int) -> None:
+        """Checkpoints newer than the resume point belong to a history that no longer continues."""
+        if not self.acc.is_main_process:
+            return
+        newer = [c for c in list_checkpoints(self.root.parent) if int(_STEP_DIR.match(c.name).group(1)) > step]
+        best = self.root / "best"
+        try:
+            if json.loads((best / STATE_FILE).read_text())["step"] > step:
+                newer.append(best)
+        except (OSError, ValueError, KeyError):
+            pass
+        for c in newer:
+            aside = c.with_name(c.name + ".superseded")
+            _remove(aside)
+            c.rename(aside)
+            log.warning("moved %s (newer than the resume point, step %d) aside to %s", c, step, aside.name)
+        # What a kill during a save or a prune left behind.
+        for leftover in self.root.glob(".t*-*") if self.root.is_dir() else []:
+            if leftover.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _all_true(accelerator, ok: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([float(ok)], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes
+
+
+def _on_every_process(accelerator, what: str, fn) -> None:
+    """Run fn here; if it failed on any process, raise CheckpointError on all of them (none hangs)."""
+    err = None
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (reported with its message below)
+        err = e
+    if not _all_true(accelerator, err is None):
+        raise CheckpointError(f"{what}: {err if err is not None else 'failed on another process'}") from err
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src made of hard links (no extra disk), replaced atomically."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    _remove(tmp)
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    _fsync_tree(tmp)
+    _replace_dir(tmp, dst)
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    if dst.exists():
+        trash = dst.with_name(f".trash-{dst.name}")
+        _remove(trash)
+        dst.rename(trash)
+        tmp.rename(dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+    _fsync_dir(dst.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory by renaming it first, so a kill half-way never leaves a partial copy of its name."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}")
+    if trash != path:
+        shutil.rmtree(trash, ignore_errors=True)
+        path.rename(trash)
+    shutil.rmtree(trash)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(p)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out

@@ -5,9 +5,10 @@ group and every command-line override is merged into these dataclasses: an unkno
 key or a wrong type fails when Hydra composes the config, before anything runs.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -20,17 +21,52 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     # From-scratch models round the vocab up to this multiple (tensor-core friendly); 1 turns it off.
     vocab_pad_multiple: int = 64
+    # A local Hugging Face causal LM to fine-tune. Its own architecture and tokenizer are
+    # used (the keys above are ignored), and the tokenizer is never retrained.
+    pretrained_path: Optional[str] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
 class DataConfig:
-    source: str = "python_source"
+    # A source name (python_source, text, jsonl, sqlite, hf, librus_html) or a list of
+    # them; a list entry may be a mapping {name: text, files: [...], ...} whose keys
+    # override the per-source keys below for that entry only.
+    source: Any = "python_source"
+    # text, jsonl, hf, librus_html: local files or globs, in order. valid_files (same
+    # source type) is an explicit validation split; then valid_fraction is not used.
+    files: List[str] = field(default_factory=list)
+    valid_files: List[str] = field(default_factory=list)
+    encoding: str = "utf-8"  # text, jsonl, librus_html (lib.ru pages are cp1251)
+    text_unit: str = "file"  # text: one document per file | paragraph (blank-line separated) | line
+    text_field: str = "text"  # jsonl: the field; hf: the column
+    # sqlite: the database file and a query whose first column is the text.
+    db: Optional[str] = None
+    query: Optional[str] = None
+    valid_query: Optional[str] = None
+    # hf: a datasets packaged builder (json, csv, parquet, arrow, text) over `files`,
+    # or `disk` for a directory written by save_to_disk (files: [DIR]).
+    builder: str = "json"
+    streaming: bool = False
     # python_source: directories to scan; empty means the running interpreter's
     # standard library and site-packages (the embedded default corpus).
     paths: List[str] = field(default_factory=list)
     max_bytes: int = 10_000_000
+    # librus_html: pages downloaded once (http/https only) into download_dir.
+    urls: List[str] = field(default_factory=list)
+    download_dir: Optional[str] = None  # None: <cache_dir>/downloads
+    download_timeout_s: float = 30.0
+    download_retries: int = 3
+    download_max_bytes: int = 50_000_000
+    # Filters: keep documents containing any keyword (empty: all) and at least min_chars
+    # non-blank characters.
+    keywords: List[str] = field(default_factory=list)
+    min_chars: int = 1
     valid_fraction: float = 0.01
     split_seed: int = 0
+    # concat: EOS after each document, one stream cut into blocks (remainder dropped);
+    # chunk: each document cut into blocks on its own, short tails dropped.
+    pack: str = "concat"
     block_size: int = 256
 
 
@@ -45,7 +81,7 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | adam | adafactor (betas and eps do not apply to adafactor)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -77,6 +113,14 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 100
     log_every: int = 10
+    # A step with a non-finite loss or grad norm: skip its update (weights and optimizer
+    # state untouched), or stop. max_skips skipped updates in a row stop the run.
+    nonfinite: str = "skip"  # skip | stop
+    max_skips: int = 10
+    # Skip an update whose loss is this many standard deviations above the mean of the
+    # last spike_window accepted steps (as llm.c does); None turns the guard off.
+    spike_zscore: Optional[float] = None
+    spike_window: int = 100
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None
@@ -86,8 +130,28 @@ class TrainerConfig:
     tf32: bool = True
     # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.
     peak_flops: Optional[float] = None
-    sample_prompt: str = "import numpy as np\n"
+    # ddp: one process per device, the launch decides how many (recommended).
+    # dp: legacy torch.nn.DataParallel, one process splitting each micro batch over all local GPUs.
+    parallel: str = "ddp"
+    # Generated at every evaluation, logged to TensorBoard (text) and metrics.jsonl.
+    sample_prompts: List[str] = field(default_factory=lambda: ["import numpy as np\n"])
     sample_max_new_tokens: int = 48
+    # Checkpoint every save_every optimizer steps (0: only at the end and on SIGTERM/SIGINT);
+    # a multiple of log_every. keep_last prunes older step_* checkpoints (null keeps all).
+    save_every: int = 100
+    keep_last: Optional[int] = 3
+
+
+@dataclass
+class GenerateConfig:
+    """How samples are drawn, in training and as the generate CLI's defaults for a run."""
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -106,12 +170,23 @@ class GptlabConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed: int = 1337
     # None: outputs/<experiment or "default">/<timestamp>, chosen once by rank 0.
     run_dir: Optional[str] = None
     # Tokenizers and token caches, shared between runs and keyed by fingerprints.
     cache_dir: str = "~/.cache/gptlab"
+    # "auto": continue the latest loadable checkpoint in run_dir (or start if there is none);
+    # a checkpoint directory: continue from it, in its run directory.
+    resume: Optional[str] = None
+
+
+def _required(key: str):
+    # `key: ${required:key}` in an experiment: a YAML delta cannot use `???` (merging
+    # MISSING keeps the earlier value), so the value fails when first read instead.
+    raise ValueError(f"this experiment needs {key}=... on the command line")
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="gptlab_schema", node=GptlabConfig)
+    OmegaConf.register_new_resolver("required", _required, replace=True)

@@ -1,4 +1,4 @@
-"""The Accelerator, the one run directory all ranks agree on, and rank-aware logging."""
+"""The Accelerator, the one run directory all ranks agree on, rank-aware logging, and DP mode."""
 import logging
 import sys
 from datetime import datetime
@@ -8,8 +8,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from .validate import ConfigError, fast_cpu_precision
+
+log = logging.getLogger(__name__)
+
+PARALLEL_MODES = ("ddp", "dp")
+
 
 def resolve_mixed_precision(requested, cuda: bool) -> str:
+    # GPU settings (seed 002 asks for fp16) still run here: a CPU without native fp16/bf16
+    # matmul emulates it, ~70x slower than fp32 on this project's AVX2 machine.
+    if requested in ("fp16", "bf16") and not cuda and not fast_cpu_precision(requested):
+        log.warning("trainer.mixed_precision=%s: this CPU has no native %s matmul (emulated, ~70x slower); "
+                    "training in fp32 here", requested, requested)
+        return "no"
     if requested is not None:
         return requested
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
@@ -19,29 +31,94 @@ def make_accelerator(trainer_cfg) -> Accelerator:
     # cpu=True is what makes `accelerate launch --multi_gpu --num_processes N` run N
     # CPU processes over gloo when there is no GPU (accelerate 1.15).
     cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision=resolve_mixed_precision(trainer_cfg.mixed_precision, cuda))
+    accelerator = Accelerator(cpu=not cuda,
+                              mixed_precision=resolve_mixed_precision(trainer_cfg.mixed_precision, cuda))
+    check_parallel(trainer_cfg.parallel, accelerator.num_processes)
+    return accelerator
 
 
-def _experiment_name() -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return HydraConfig.get().runtime.choices.get("experiment") or "default"
-    except ValueError:  # composed without @hydra.main (tests, notebooks)
-        return "default"
+def check_parallel(parallel: str, num_processes: int) -> None:
+    if parallel not in PARALLEL_MODES:
+        raise ConfigError(f"trainer.parallel={parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
+    if parallel == "dp" and num_processes > 1:
+        raise ConfigError(f"trainer.parallel=dp runs ONE process over all local GPUs, but this launch started "
+                          f"{num_processes}; use `python train.py` or `accelerate launch --num_processes 1`, "
+                          f"or trainer.parallel=ddp")
+
+
+class DataParallelLM(torch.nn.DataParallel):
+    """torch.nn.DataParallel for a Hugging Face causal LM.
+
+    Asks the model for no KV cache: DataParallel gathers every output of every
+    replica, and a cache object cannot be gathered (training has no use for it anyway).
+    """
+
+    def forward(self, *inputs, **kwargs):
+        kwargs.setdefault("use_cache", False)
+        return super().forward(*inputs, **kwargs)
+
+
+def wrap_parallel(model, parallel: str):
+    """trainer.parallel=dp: the legacy single-process DataParallel; ddp needs no wrapping here
+    (accelerator.prepare does it when the launch has several processes)."""
+    if parallel != "dp":
+        return model
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        log.info("trainer.parallel=dp without a GPU: DataParallel passes each batch straight to the model")
+    else:
+        log.info("trainer.parallel=dp: DataParallel splits each micro batch over %d GPU(s) in one process "
+                 "(legacy; DDP through `accelerate launch --multi_gpu` is faster)", gpus)
+    return DataParallelLM(model)
+
+
+def _hydra_config():
+    """Hydra's runtime config under @hydra.main; None when composed by hand (tests, notebooks)."""
+    from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _is_multirun(hc) -> bool:
+    from hydra.types import RunMode
+    return hc is not None and hc.mode == RunMode.MULTIRUN
+
+
+def _claim_new_dir(base: Path) -> Path:
+    """Create base, or base_1, base_2, ...: mkdir is the atomic claim, so two launches
+    started in the same second (a sweep script, a Hydra multirun) never share a directory."""
+    path, n = base, 1
+    base.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path, n = base.with_name(f"{base.name}_{n}"), n + 1
 
 
 def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
-    """Rank 0 picks (and creates) the run directory; every rank gets the same path."""
+    """Rank 0 picks (and creates) the run directory; every rank gets the same path.
+
+    Order: `run_dir` if set; in a Hydra multirun, the job's directory under the sweep
+    (outputs/multirun/<timestamp>/<job number>); otherwise outputs/<experiment>/<timestamp>.
+    """
+    hc = _hydra_config()
+    multirun = _is_multirun(hc)
+    if multirun and accelerator.num_processes > 1:
+        raise ConfigError("Hydra multirun (-m) inside a multi-process launch would run the whole sweep on every "
+                          "rank; start one `accelerate launch` per job instead (README, 'Launch modes')")
     chosen = [None]
     if accelerator.is_main_process:
         if run_dir:
             path = Path(run_dir).expanduser().absolute()
+            path.mkdir(parents=True, exist_ok=True)
+        elif multirun:
+            path = Path(hc.runtime.output_dir).absolute()
+            path.mkdir(parents=True, exist_ok=True)
         else:
-            base = Path("outputs") / _experiment_name() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            path, n = base.absolute(), 1
-            while path.exists():  # two runs in the same second, e.g. a Hydra multirun
-                path, n = base.absolute().with_name(f"{base.name}_{n}"), n + 1
-        path.mkdir(parents=True, exist_ok=True)
+            experiment = (hc.runtime.choices.get("experiment") if hc else None) or "default"
+            stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            path = _claim_new_dir((Path("outputs") / experiment / stamp).absolute())
         chosen = [str(path)]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
@@ -53,6 +130,8 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        if isinstance(h, logging.FileHandler):
+            h.close()  # a multirun's next job must not keep writing the previous job's train.log
     fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     if is_main:

@@ -1,5 +1,15 @@
-"""Token-weighted validation loss and perplexity, exact for any number of processes."""
+"""Token-weighted validation loss and perplexity, exact for any number of processes.
+
+    python -m gptlab.evaluate outputs/tolstoy_scratch/<timestamp>/final [data overrides]
+"""
+import argparse
+import json
+import logging
 import math
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 import torch
 
@@ -33,3 +43,81 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
+
+
+# ---- python -m gptlab.evaluate ------------------------------------------------------
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from .config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def eval_config(run_cfg, overrides: list[str]):
+    """The defaults plus `overrides`, except that a model from a gptlab run starts from that
+    run's data config and cache dir (so no overrides means its own validation split)."""
+    cfg = compose_config(overrides)
+    if run_cfg is None:
+        return cfg
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    if "data" not in given:  # no other data group chosen: the run's data, then any data.KEY=VALUE
+        dotted = OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")])
+        cfg.data = OmegaConf.merge(cfg.data, run_cfg.data, dotted.get("data", {}))
+    if "cache_dir" not in given:
+        cfg.cache_dir = run_cfg.cache_dir
+    return cfg
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(
+        prog="python -m gptlab.evaluate",
+        description="Token-weighted loss and perplexity of a trained model on a corpus. The corpus is "
+                    "the data config of the run the model came from, changed by Hydra overrides "
+                    "(data=... data.KEY=...); the model's own tokenizer is always used.")
+    ap.add_argument("path", help="an HF export, a run dir or a checkpoint dir")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the data, e.g. data.block_size=128")
+    ap.add_argument("--split", choices=("valid", "train"), default="valid")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--output", help="also write the JSON result to this file")
+    args = ap.parse_args(argv)
+
+    from .data.prepare import prepare
+    from .distributed import make_accelerator
+    from .model import load_trained, max_positions
+
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
+    trained = load_trained(args.path)
+    cfg = eval_config(trained.run_cfg, list(args.overrides))
+    cfg.tokenizer.path = str(trained.tokenizer_dir)
+    n_pos = max_positions(trained.model.config)
+    if n_pos is not None and cfg.data.block_size > n_pos:
+        sys.exit(f"data.block_size={cfg.data.block_size} exceeds the model's {n_pos} positions")
+
+    accelerator = make_accelerator(cfg.trainer)
+    data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
+                   show_progress=accelerator.is_main_process)
+    blocks = data.valid if args.split == "valid" else data.train
+    metrics = evaluate(trained.model.to(accelerator.device), blocks, args.batch_size, accelerator)
+    result = {"model": str(trained.source), "split": args.split, "loss": metrics["eval/loss"],
+              "perplexity": metrics["eval/perplexity"], "tokens": metrics["eval/tokens"],
+              "blocks": len(blocks), "block_size": cfg.data.block_size,
+              "data": OmegaConf.to_container(cfg.data)}
+    if accelerator.is_main_process:
+        print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+              f"over {result['tokens']} tokens ({result['model']})", file=sys.stderr)
+        text = json.dumps(result, ensure_ascii=False)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

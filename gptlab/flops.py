@@ -47,8 +47,9 @@ def measured_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.f
 
     The best, not the mean: other processes sharing the machine only ever slow it down.
     """
-    a = torch.randn(n, n, device=device_type, dtype=dtype)
-    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    # A private generator: the global RNG stream, which dropout and sampling draw from, is untouched.
+    g = torch.Generator(device_type).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device_type, dtype=dtype, generator=g) for _ in range(2))
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     a @ b  # warm-up: thread pool, allocator, kernel selection
     sync()

@@ -1,5 +1,6 @@
 """The training loop, nothing else: micro-steps, accumulate, clip, step, log, evaluate."""
 import logging
+import math
 import time
 from contextlib import nullcontext
 
@@ -8,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import evaluate
 from .flops import MFU
+from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
 from .optim import lr_at
 
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
-          max_steps: int, start_step: int = 0) -> dict:
+          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None) -> dict:
     tc, sc = cfg.trainer, cfg.scheduler
     device = accelerator.device
     tokens_per_step = tc.micro_batch_size * train_blocks.block_size * tc.grad_accum * accelerator.num_processes
@@ -23,12 +25,16 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     last = {}
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, device, accelerator.num_processes,
               tc.peak_flops, accelerator.mixed_precision != "no")
+    guard = StepGuard.from_config(tc, accelerator)
 
     # Running sums stay on the device: reading them forces a host sync, so we do it
-    # only every log_every steps.
+    # only every log_every steps (the guard's two floats are the one per-step sync).
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
-    window, t_window = 0, time.perf_counter()
+    window, kept, t_window = 0, 0, time.perf_counter()
+    # With trainer.epochs, each epoch's mean train loss and the test loss at its end.
+    epoch_loss_sum = torch.zeros((), device=device)
+    epoch_steps, evaluated_at = 0, None
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -40,6 +46,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             group["lr"] = lr
 
         micro = order.micro_batches(step)
+        step_loss = torch.zeros((), device=device)
         for i, ids in enumerate(micro):
             x = train_blocks.batch(ids)  # (B, T)
             # From pinned memory the copy runs asynchronously, behind the GPU's work.
@@ -51,21 +58,38 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                     loss = forward_loss(model, x, loss_fn)
                 # Dividing by grad_accum makes k micro-batches of b equal one batch of k*b.
                 accelerator.backward(loss / len(micro))
-            loss_sum += loss.detach() / len(micro)
-        norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
-        optimizer.step()
+            step_loss += loss.detach() / len(micro)
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        try:
+            take = guard.check(step_loss, norm, t, accelerator)
+        except TrainingHalted as e:
+            bar.close()  # so the error is the last line on the console
+            halt(e, checkpoints, max_steps)
+        if take:
+            optimizer.step()
+            loss_sum += step_loss
+            norm_sum += norm.detach()
+            epoch_loss_sum += step_loss
+            kept += 1
+            epoch_steps += 1
+        else:  # a skipped update leaves the weights and the optimizer state as they were
+            guard.skip_update(accelerator)
         optimizer.zero_grad(set_to_none=True)
         window += 1
         bar.update(1)
+        # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
+        stop = checkpoints is not None and checkpoints.stop_requested()
 
-        if t % tc.log_every == 0 or t == max_steps:
-            loss_avg = accelerator.reduce(loss_sum, reduction="mean").item() / window
+        if t % tc.log_every == 0 or t == max_steps or stop:
+            # Averages over the updates taken: skipped steps are left out.
+            loss_avg = accelerator.reduce(loss_sum, reduction="mean").item() / kept if kept else math.nan
             elapsed = time.perf_counter() - t_window
             last = {
                 "train/loss": loss_avg,
                 "train/lr": lr,
-                "train/grad_norm": norm_sum.item() / window,
+                "train/grad_norm": norm_sum.item() / kept if kept else math.nan,
                 "train/tokens_per_s": tokens_per_step * window / elapsed,
+                "train/skipped_steps": guard.skipped,
             }
             last["train/mfu"] = mfu(last["train/tokens_per_s"])
             tracker.log(last, t)
@@ -73,13 +97,44 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                             mfu=f"{last['train/mfu']:.1%}")
             loss_sum.zero_()
             norm_sum.zero_()
-            window, t_window = 0, time.perf_counter()
+            window, kept, t_window = 0, 0, time.perf_counter()
 
+        eval_loss = None
         if t % tc.eval_every == 0 or t == max_steps:
             metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
             tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, t)
             log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
             last.update(metrics)
+            eval_loss = metrics["eval/loss"]
+            if not math.isfinite(eval_loss):
+                bar.close()
+                raise TrainingHalted(f"step {t}: eval/loss is {eval_loss}: the weights no longer give finite "
+                                     "outputs, which skipping updates cannot repair (optim.lr too high?)", t)
+            evaluated_at = t
+            if on_eval is not None:
+                on_eval(t)
             t_window = time.perf_counter()  # evaluation time is not training throughput
+
+        epoch = order.epoch_at(t)
+        crossed = math.floor(epoch) > math.floor(order.epoch_at(t - 1))
+        if tc.epochs is not None and (crossed or t == max_steps):
+            if evaluated_at != t:
+                metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
+            ep = {"epoch/epoch": math.floor(epoch) if crossed else math.ceil(epoch),
+                  "epoch/train_loss": (accelerator.reduce(epoch_loss_sum, reduction="mean").item() / epoch_steps
+                                       if epoch_steps else math.nan),
+                  "epoch/test_loss": metrics["eval/loss"]}
+            tracker.log(ep, t)
+            log.info("epoch %d: train loss %.4f, test loss %.4f", ep["epoch/epoch"], ep["epoch/train_loss"],
+                     ep["epoch/test_loss"])
+            epoch_loss_sum.zero_()
+            epoch_steps = 0
+            t_window = time.perf_counter()
+        if checkpoints is not None:
+            t_save = time.perf_counter()
+            checkpoints.step_end(t, max_steps, eval_loss, stop)
+            t_window += time.perf_counter() - t_save  # nor is saving
+        if stop:
+            break
     bar.close()
     return last

@@ -12,7 +12,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .validate import ConfigError
+
 log = logging.getLogger(__name__)
+
+LOSSES = ("cross_entropy", "keytoken")
 
 
 def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -156,13 +160,13 @@ def make_loss_fn(loss_cfg, tokenizer, device) -> LMLoss:
     if loss_cfg.name == "cross_entropy":
         return LMLoss(cross_entropy_loss, _mean_weights)
     if loss_cfg.name != "keytoken":
-        raise ValueError(f"loss.name={loss_cfg.name!r}: choose cross_entropy or keytoken")
+        raise ConfigError(f"loss.name={loss_cfg.name!r}: choose cross_entropy or keytoken")
     ids, skipped = keytoken_ids(tokenizer, loss_cfg.keywords)
     if skipped:
         log.warning("loss.keywords not a single token, skipped: %s", skipped)
     if not ids:
-        raise ValueError(f"loss=keytoken: none of loss.keywords={list(loss_cfg.keywords)} is a single "
-                         "token of this tokenizer")
+        raise ConfigError(f"loss=keytoken: none of loss.keywords={list(loss_cfg.keywords)} is a single "
+                          "token of this tokenizer")
     kt = torch.tensor(ids, device=device)
     return LMLoss(lambda logits, input_ids: keytoken_loss(logits, input_ids, kt, loss_cfg.alpha, loss_cfg.normalize),
                   lambda input_ids: keytoken_weights(input_ids, kt, loss_cfg.alpha, loss_cfg.normalize))

@@ -1,24 +1,30 @@
-"""Build a GPT-2 from the config, sized to the tokenizer; the training loss of a (wrapped) model."""
+"""Build a GPT-2 from the config sized to the tokenizer, or load a local pretrained causal LM;
+the training loss of a (wrapped) model."""
 import logging
 import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
 from accelerate.utils import extract_model_from_parallel
-from transformers import GPT2Config, GPT2LMHeadModel
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from .loss import fused_linear_loss
+from .validate import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
 
-def build_model(model_cfg, tokenizer, block_size: int) -> GPT2LMHeadModel:
-    if block_size > model_cfg.n_positions:
-        raise ValueError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
+def build_model(model_cfg, tokenizer, block_size: int):
+    if model_cfg.pretrained_path:
+        return load_pretrained(model_cfg, tokenizer, block_size)
+    check_block_size(model_cfg, block_size)
     if model_cfg.n_embd % model_cfg.n_head:
-        raise ValueError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
+        raise ConfigError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
     if model_cfg.vocab_pad_multiple < 1:
-        raise ValueError(f"model.vocab_pad_multiple={model_cfg.vocab_pad_multiple}: give 1 (no padding) or more")
+        raise ConfigError(f"model.vocab_pad_multiple={model_cfg.vocab_pad_multiple}: give 1 (no padding) or more")
     # Matmuls over a vocab that is a multiple of 64 use whole tensor-core tiles (nanoGPT: 50257 -> 50304).
     vocab_size = math.ceil(len(tokenizer) / model_cfg.vocab_pad_multiple) * model_cfg.vocab_pad_multiple
     config = GPT2Config(
@@ -43,6 +49,107 @@ def build_model(model_cfg, tokenizer, block_size: int) -> GPT2LMHeadModel:
     log.info("GPT-2 with %.2fM parameters (%d layers, %d wide, vocab %d)",
              count_parameters(model) / 1e6, config.n_layer, config.n_embd, config.vocab_size)
     return model
+
+
+def pretrained_dir(model_cfg) -> Path:
+    path = Path(model_cfg.pretrained_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise MissingPathError(f"model.pretrained_path={model_cfg.pretrained_path}: no config.json there; "
+                               "expected a local Hugging Face model directory (save_pretrained)")
+    return path
+
+
+def max_positions(config) -> int | None:
+    for key in ("n_positions", "max_position_embeddings"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def check_block_size(model_cfg, block_size: int) -> None:
+    """Before any data is prepared: a block longer than the position table cannot train."""
+    if not model_cfg.pretrained_path:
+        if block_size > model_cfg.n_positions:
+            raise ConfigError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
+        return
+    path = pretrained_dir(model_cfg)
+    n_pos = max_positions(AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code))
+    if n_pos is not None and block_size > n_pos:
+        raise ConfigError(f"data.block_size={block_size} exceeds the {n_pos} positions of the pretrained model "
+                          f"in {path}; set data.block_size<={n_pos}")
+
+
+def load_pretrained(model_cfg, tokenizer, block_size: int):
+    check_block_size(model_cfg, block_size)
+    path = pretrained_dir(model_cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code,
+                                                 attn_implementation=model_cfg.attn_implementation)
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_emb:
+        # ruGPT-3's tokenizer files name an <|endoftext|> that is not in its vocab, so
+        # loading them adds one token: its embedding row is new and untrained.
+        warnings.warn(f"the tokenizer has {len(tokenizer)} tokens but the model in {path} embeds {n_emb}; "
+                      f"resizing the embeddings to {len(tokenizer)} (new rows are untrained)")
+        log.warning("resizing token embeddings %d -> %d", n_emb, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("pretrained %s from %s: %.2fM parameters, vocab %d (model.* architecture keys are ignored)",
+             type(model).__name__, path, count_parameters(model) / 1e6, model.config.vocab_size)
+    return model
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _is_export(d: Path) -> bool:
+    return (d / "config.json").is_file() and any((d / w).is_file() for w in WEIGHTS)
+
+
+def run_config(path: Path):
+    """The resolved config of the run `path` belongs to (a run dir, its final/ or a checkpoint), if any."""
+    from omegaconf import OmegaConf
+
+    candidates = [path / "config.yaml"] if not _is_export(path) else []
+    candidates += [d / ".hydra" / "config.yaml" for d in (path, path.parent, path.parent.parent)]
+    return next((OmegaConf.load(f) for f in candidates if f.is_file()), None)
+
+
+@dataclass
+class Trained:
+    model: object
+    tokenizer: object
+    tokenizer_dir: Path
+    source: Path  # the export or checkpoint directory the weights came from
+    run_cfg: object  # the resolved config of the run that made it, or None
+
+
+def load_trained(path, device: str = "cpu") -> Trained:
+    """The model and tokenizer of an HF export, a run dir or a checkpoint dir.
+
+    A run dir means its final/ export, or its latest complete checkpoint if the run did not
+    finish; a checkpoint's model is built from its hf_config/ and loaded with its weights.
+    """
+    from .checkpoint import CheckpointError
+    from .export import load_checkpoint_model
+    from .tokenizer import load_tokenizer
+
+    path = Path(path).expanduser().absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (expected an HF export, a run dir or a checkpoint)")
+    if not _is_export(path) and _is_export(path / "final"):
+        path = path / "final"
+    if _is_export(path):
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(str(path)), load_tokenizer(path)
+    else:  # a training checkpoint, or the latest complete one of a run that did not finish
+        try:
+            model, tokenizer, path = load_checkpoint_model(path)
+        except CheckpointError as e:
+            raise FileNotFoundError(f"no model here: no HF export (config.json with weights), no final/, "
+                                    f"and {e}") from None
+    log.info("loaded %s from %s", type(model).__name__, path)
+    return Trained(model.eval().to(device), tokenizer, path if _is_export(path) else path / "tokenizer", path,
+                   run_config(path))
 
 
 def count_parameters(model) -> int:

@@ -37,12 +37,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+OPTIMIZERS = ("adamw", "adam", "adafactor")
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r}: choose adamw")
+    groups = param_groups(model, cfg.weight_decay)
     # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    if cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # An absolute, externally scheduled LR: the loop sets every group's lr each step.
+        return Adafactor(groups, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    raise ValueError(f"optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
 def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,

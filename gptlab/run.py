@@ -7,16 +7,18 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .checkpoint import export_hf
+from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder
 from .data.prepare import prepare
-from .distributed import agree_run_dir, make_accelerator, setup_logging
-from .generate import generate_text
+from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
+from .generate import log_samples
 from .loop import train
 from .loss import make_loss_fn
-from .model import build_model, compile_blocks, count_parameters
+from .model import build_model, check_block_size, compile_blocks, count_parameters
 from .optim import build_optimizer
+from .tokenizer import check_vocab
 from .tracking import Tracker
+from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,22 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    check_config(cfg)
+    check_environment(cfg, torch.cuda.is_available())
+    run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
-    run_dir = agree_run_dir(accelerator, cfg.run_dir)
+    run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
+    if cfg.model.pretrained_path and not cfg.tokenizer.path:
+        cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s", run_dir,
              accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision)
 
     set_seed(cfg.seed)
+    check_block_size(cfg.model, cfg.data.block_size)
     data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
                    show_progress=main)
     tokenizer = data.tokenizer
@@ -59,38 +67,51 @@ def run(cfg) -> dict:
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
+    check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+    check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
 
     tc = cfg.trainer
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     max_steps = resolve_max_steps(tc, order)
+    check_warmup(cfg.scheduler.warmup_steps, max_steps)
     global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
     log.info("global batch %d = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
              "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order)
+    start_step = checkpoints.resume(cfg.resume)
+    # A resumed run supersedes what was logged after its checkpoint.
+    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
+                      resume_step=start_step if cfg.resume else None)
+
+    def sample(step: int) -> None:  # after every evaluation, on the main process only
+        if main and tc.sample_prompts:
+            log_samples(accelerator.unwrap_model(model), tokenizer, tc.sample_prompts, step, tracker,
+                        tc.sample_max_new_tokens, cfg.seed, cfg.generate)
+
     try:
-        result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
-                       max_steps=max_steps)
+        with checkpoints.signals:
+            result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
+                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample)
         accelerator.wait_for_everyone()
-        if main:
+        if checkpoints.stopped:
+            log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
+        elif main:
             unwrapped = accelerator.unwrap_model(model)
             export_hf(unwrapped, tokenizer, run_dir / "final")
-            sample = generate_text(unwrapped, tokenizer, tc.sample_prompt, tc.sample_max_new_tokens, seed=cfg.seed)
-            tracker.text("sample", sample, max_steps)
-            log.info("sample for %r:\n%s", tc.sample_prompt, sample)
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
                      result.get("eval/loss", float("nan")), run_dir / "final")
     finally:
         tracker.close()
     accelerator.end_training()
-    return {**result, "run_dir": str(run_dir)}
+    return {**result, "run_dir": str(run_dir), "stopped": checkpoints.stopped}

@@ -1,10 +1,18 @@
-"""Train a byte-level BPE with HF `tokenizers`, or load a saved tokenizer from a directory."""
+"""Train a byte-level BPE with HF `tokenizers`, or load a saved tokenizer from a directory.
+
+Whichever it is, the tokenizer has an eos token (documents are separated by it), a pad
+token (eos if it had none), a content hash that keys the token cache, and it is saved
+into the run directory next to the model whose embedding it must fit.
+"""
+import hashlib
 import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+from .validate import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +43,51 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """AutoTokenizer, or GPT2TokenizerFast for a bare vocab.json + merges.txt directory.
+
+    ruGPT-3's files have no tokenizer_class and no config.json, so AutoTokenizer cannot
+    tell what they are; they are a GPT-2 byte-level BPE.
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        raise FileNotFoundError(f"tokenizer.path: {path} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+            raise ValueError(f"tokenizer.path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+        log.info("AutoTokenizer cannot load %s (%s); loading vocab.json + merges.txt as GPT-2 BPE",
+                 path, str(e).splitlines()[0])
+        tok = GPT2TokenizerFast.from_pretrained(str(path))
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer in {path} has no eos token; gptlab separates documents with it")
+    base = tok.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+    if tok.eos_token_id >= base:
+        log.warning("the eos token %r of %s is not in its vocabulary and was added as id %d: a pretrained "
+                    "model has no trained embedding row for it", tok.eos_token, path, tok.eos_token_id)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# A model directory (model.pretrained_path) holds the tokenizer beside the weights, which
+# must not key the token cache: hashing them costs a read of every byte, and a fine-tuned
+# export with the same tokenizer would miss the cache.
+MODEL_FILES = ("config.json", "generation_config.json")
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """Content hash of a saved tokenizer directory (its files, not their mtimes; no model files)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).expanduser().iterdir()
+                    if p.is_file() and p.name not in MODEL_FILES and not p.name.endswith(MODEL_SUFFIXES)):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_vocab(tokenizer, embedding_rows: int) -> None:
+    """Every token id must have an embedding row, or the first batch fails deep in torch."""
+    if len(tokenizer) > embedding_rows:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                          f"{embedding_rows} rows; use the model's own tokenizer or resize the embedding")

@@ -1,20 +1,31 @@
 """Metrics to TensorBoard and metrics.jsonl, under the same names. Main process only."""
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, jsonl: bool = True, enabled: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, jsonl: bool = True, enabled: bool = True,
+                 resume_step=None):
+        """resume_step: a resumed run continues the logs; what they hold after that step is superseded."""
         self.writer = None
         self.jsonl = None
         if not enabled:
             return
+        run_dir = Path(run_dir)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            purge_step = None
+            if resume_step is not None:
+                _wait_for_a_later_event_file_name(run_dir / "tb")
+                purge_step = resume_step + 1  # TensorBoard hides events at this step and later from earlier files
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
         if jsonl:
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            if resume_step is not None:
+                supersede_jsonl(run_dir / "metrics.jsonl", resume_step)
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.writer:
@@ -35,3 +46,32 @@ class Tracker:
             self.writer.close()
         if self.jsonl:
             self.jsonl.close()
+
+
+def supersede_jsonl(path: Path, step: int) -> None:
+    """Keep the rows up to `step`; drop later ones and a line cut short by a kill. Atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _wait_for_a_later_event_file_name(tb_dir: Path) -> None:
+    """TensorBoard reads event files in name order, and names start with whole seconds:
+    a run resumed within the second its predecessor started must not sort before it."""
+    stamps = [int(p.name.split(".")[3]) for p in tb_dir.glob("events.out.tfevents.*")
+              if p.name.split(".")[3].isdigit()]
+    if stamps and time.time() < max(stamps) + 1:
+        time.sleep(max(stamps) + 1 - time.time())

@@ -10,7 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# ../shared/data beside the repo; a git worktree one level deeper (wt/<name>) finds it one more up.
+SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if p.is_dir()),
+              ROOT.parent / "shared" / "data")
 sys.path.insert(0, str(ROOT))
 
 
@@ -34,6 +36,19 @@ def run_training(overrides=()):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: bit-exact comparisons need every run, here and in subprocesses,
+    to use the same count, and one thread is far faster than spin-waiting OpenMP on
+    shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +80,18 @@ def series(rows, key):
 
 
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir, tiny_corpus):
+    """A smoke GPT-2 trained 40 steps on the tiny corpus, sampling two prompts at each evaluation.
+
+    Generation, evaluation, plotting and fine-tuning tests start from it.
+    """
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = run_training([f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke",
+                           f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2", "tokenizer.vocab_size=384",
+                           "model.n_embd=64", "trainer.micro_batch_size=8", "trainer.max_steps=40",
+                           "trainer.eval_every=20", "trainer.log_every=5", "optim.lr=3e-3",
+                           "scheduler.warmup_steps=5", "trainer.sample_prompts=[\"def \",\"import \"]"])
+    return run_dir, result

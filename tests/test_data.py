@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from gptlab.data.blocks import TokenBlocks, TrainOrder, eval_batches
-from gptlab.data.pack import write_token_stream
-from gptlab.data.sources import python_source_files, split_by_file
+from gptlab.data.filters import labelled_documents, plan_split
+from gptlab.data.pack import write_token_streams
+from gptlab.data.sources import PythonSource, python_source_files
 from gptlab.tokenizer import train_bpe
 
 
@@ -13,12 +16,14 @@ def test_python_source_selection_is_deterministic_and_capped():
     assert [f.key for f in a] == [f.key for f in b]
     assert 0 < sum(f.size for f in a) <= 200_000
     assert all(f.key.endswith(".py") for f in a)
-    train, valid = split_by_file(a, 0.1, seed=0)
-    assert valid and train
-    assert not {f.key for f in train} & {f.key for f in valid}
-    assert len(train) + len(valid) == len(a)
-    _, valid2 = split_by_file(a, 0.1, seed=1)
-    assert {f.key for f in valid} != {f.key for f in valid2}
+    src = PythonSource(SimpleNamespace(paths=[], max_bytes=200_000, keywords=[], min_chars=1), None)
+    valid = {}
+    for seed in (0, 1):
+        plan = plan_split([src], 0.1, seed, show_progress=False)
+        labels = [v for v, _ in labelled_documents([src], plan, seed)]
+        assert sum(labels) == plan["n_valid"] == round(0.1 * len(labels)) and len(labels) == len(a)
+        valid[seed] = labels
+    assert valid[0] != valid[1]
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
@@ -29,14 +34,15 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 def test_pack_puts_eos_after_each_document_and_blocks_cut_the_stream(tmp_path):
     docs = ["def f():\n    return 1\n", "x = [i for i in range(3)]\n", "print('héllo')\n"] * 20
     tok = train_bpe(docs, 300, 1, ["<|endoftext|>"])
-    info = write_token_stream(docs, tok, tmp_path / "t.bin", show_progress=False)
-    ids = np.fromfile(tmp_path / "t.bin", dtype=info["dtype"])
-    assert info["dtype"] == "uint16" and info["tokens"] == ids.size and info["documents"] == 60
+    info = write_token_streams(((False, d) for d in docs), tok, tmp_path, show_progress=False)
+    ids = np.fromfile(tmp_path / "train.bin", dtype=info["dtype"])
+    assert info["dtype"] == "uint16" and info["train"]["tokens"] == ids.size and info["train"]["documents"] == 60
+    assert info["valid"] == {"tokens": 0, "documents": 0, "dropped_tokens": 0}
     eos = tok.eos_token_id
     assert (ids == eos).sum() == 60 and ids[-1] == eos
     first = ids[: int(np.argmax(ids == eos))]
     assert tok.decode(first.tolist()) == docs[0]
-    blocks = TokenBlocks(tmp_path / "t.bin", info["dtype"], 16)
+    blocks = TokenBlocks(tmp_path / "train.bin", info["dtype"], 16)
     assert len(blocks) == ids.size // 16
     batch = blocks.batch(np.array([2, 0]))
     assert batch.shape == (2, 16) and batch.dtype.is_floating_point is False

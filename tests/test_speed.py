@@ -54,6 +54,17 @@ def test_peak_flops_sources(monkeypatch):
     assert cpu_peak > 1e8 and "measured" in source
 
 
+def test_peak_measurement_leaves_the_global_rng_alone():
+    from gptlab.flops import measured_matmul_flops
+
+    measured_matmul_flops.cache_clear()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert measured_matmul_flops("cpu", n=64, budget_s=0.01) > 0
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_mfu_is_tokens_times_flops_over_peak():
     model = tiny_gpt2()
     mfu = MFU(model, 8, torch.device("cpu"), num_processes=2, configured_peak=1e9)
@@ -176,7 +187,8 @@ def test_vocab_padding_and_padded_ids_are_never_sampled():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32, "dropout": 0.0,
-                            "attn_implementation": "sdpa", "vocab_pad_multiple": 64})
+                            "attn_implementation": "sdpa", "vocab_pad_multiple": 64,
+                            "pretrained_path": None})
     model = build_model(cfg, FakeTokenizer(500), 16)
     assert model.config.vocab_size == 512
     assert model.generation_config.suppress_tokens == list(range(500, 512))

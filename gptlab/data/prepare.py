@@ -1,16 +1,43 @@
-"""sources -> split -> tokenizer -> packed token cache, each stage cached by fingerprint."""
+"""sources -> filter -> split -> tokenizer -> packed token cache, each stage cached by fingerprint.
+
+Three cache stages live under the cache root, each `<stage>/<key>/meta.json`:
+`splits` (counts, filter stats and the split's hash threshold), `tokenizers` (a
+trained BPE) and `tokens` (train.bin and valid.bin). A key covers everything its
+stage depends on: the sources (paths, sizes, mtimes, settings), the filter and split
+settings, the tokenizer's content hash and the packing. So a second run with the same
+settings reads nothing but stats and meta files, and any change rebuilds what it must.
+
+Build only: `python -m gptlab.data.prepare [hydra overrides]`.
+"""
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import List
 
-from ..tokenizer import load_tokenizer, train_bpe
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from .blocks import TokenBlocks
-from .cache import build_once, fingerprint
-from .pack import write_token_stream
-from .sources import python_source_files, read_texts, split_by_file
+from .cache import build_once, fingerprint, read_meta
+from .filters import labelled_documents, plan_split
+from .librus import LibrusSource
+from .pack import write_token_streams
+from .sources import (DataError, HfSource, JsonlSource, PythonSource, Source, SqliteSource,
+                      TextSource)
 
 log = logging.getLogger(__name__)
+
+SOURCES = {cls.name: cls for cls in (PythonSource, TextSource, JsonlSource, SqliteSource, HfSource, LibrusSource)}
+# Keys a list entry of data.source may override for itself.
+SOURCE_KEYS = ("files", "valid_files", "encoding", "text_unit", "text_field", "db", "query", "valid_query",
+               "builder", "streaming", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
+               "download_retries", "download_max_bytes", "keywords", "min_chars")
+PACKS = ("concat", "chunk")
+TEXT_UNITS = ("file", "paragraph", "line")
+CACHE_VERSION = 2  # bump when the on-disk layout or the packing changes
 
 
 @dataclass
@@ -21,52 +48,142 @@ class Prepared:
     info: dict
 
 
-def _tokenizer(cfg, train_files, source_fp: str, cache_root: Path, is_builder: bool):
+def _plain(obj):
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return obj
+
+
+def make_sources(dc, cache_root: Path) -> List[Source]:
+    """One Source per entry of data.source; resolving files here makes a missing one fail early."""
+    data = _plain(dc)
+    entries = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    if not entries:
+        raise DataError("data.source is an empty list")
+    sources = []
+    for i, entry in enumerate(entries):
+        settings = {k: data[k] for k in SOURCE_KEYS}
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            name = entry.pop("name", None)
+            unknown = sorted(set(entry) - set(SOURCE_KEYS))
+            if unknown:
+                raise DataError(f"data.source[{i}]: unknown key(s) {unknown}; a source entry may set name and "
+                                f"{', '.join(SOURCE_KEYS)}")
+            settings.update(entry)
+        else:
+            name = entry
+        if name not in SOURCES:
+            raise DataError(f"data.source: {name!r} is not a source; choose from {', '.join(SOURCES)}")
+        if settings["text_unit"] not in TEXT_UNITS:
+            raise DataError(f"data.text_unit={settings['text_unit']!r}: choose one of {', '.join(TEXT_UNITS)}")
+        sources.append(SOURCES[name](SimpleNamespace(**settings), cache_root))
+    return sources
+
+
+def _check(dc, sources) -> None:
+    if dc.pack not in PACKS:
+        raise DataError(f"data.pack={dc.pack!r}: choose concat or chunk")
+    if dc.block_size < 2:
+        raise DataError(f"data.block_size must be at least 2, got {dc.block_size}")
+    if not any(s.has_valid for s in sources) and not 0.0 < dc.valid_fraction < 1.0:
+        raise DataError(f"data.valid_fraction must be in (0, 1) without data.valid_files, got {dc.valid_fraction}")
+
+
+def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path, is_builder: bool):
+    """(tokenizer, content hash): loaded from tokenizer.path, or a BPE trained on the train split."""
     tc = cfg.tokenizer
     if tc.path:
-        return load_tokenizer(tc.path)
-    key = fingerprint({"train": source_fp, "vocab_size": tc.vocab_size,
-                       "min_frequency": tc.min_frequency, "special_tokens": list(tc.special_tokens)})
+        return load_tokenizer(tc.path), tokenizer_hash(tc.path)
+    key = fingerprint({"corpus": corpus_key, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
+                       "special_tokens": list(tc.special_tokens)})
 
     def build(tmp: Path) -> dict:
-        log.info("training a %d-token byte-level BPE on %d files", tc.vocab_size, len(train_files))
-        tok = train_bpe(read_texts(train_files), tc.vocab_size, tc.min_frequency, list(tc.special_tokens),
-                        length=len(train_files))
+        plan = read_meta(split_dir)
+        n_train = plan["train"]["kept"] - (0 if plan["explicit_valid"] else plan["n_valid"])
+        log.info("training a %d-token byte-level BPE on %d documents", tc.vocab_size, n_train)
+        texts = (text for valid, text in labelled_documents(sources, plan, cfg.data.split_seed) if not valid)
+        tok = train_bpe(texts, tc.vocab_size, tc.min_frequency, list(tc.special_tokens), length=n_train)
         tok.save_pretrained(str(tmp))
-        return {"vocab_size": len(tok)}
+        return {"vocab_size": len(tok), "documents": n_train}
 
-    return load_tokenizer(build_once(cache_root / "tokenizers" / key, build, is_builder))
+    directory = build_once(cache_root / "tokenizers" / key, build, is_builder)
+    return load_tokenizer(directory), tokenizer_hash(directory)
 
 
 def prepare(cfg, cache_root: Path, is_builder: bool = True, show_progress: bool = True) -> Prepared:
     dc = cfg.data
-    if dc.source != "python_source":
-        raise ValueError(f"data.source={dc.source!r} is not supported; choose python_source")
-    files = python_source_files(list(dc.paths), dc.max_bytes)
-    train_files, valid_files = split_by_file(files, dc.valid_fraction, dc.split_seed)
-    describe = lambda fs: [(f.key, f.size, f.mtime_ns) for f in fs]  # noqa: E731
-    train_fp = fingerprint(describe(train_files))
-    tokenizer = _tokenizer(cfg, train_files, train_fp, cache_root, is_builder)
+    cache_root = Path(cache_root).expanduser()
+    sources = make_sources(dc, cache_root)
+    _check(dc, sources)
+    corpus = {"sources": [s.fingerprint() for s in sources],
+              "filters": [(list(s.s.keywords), s.s.min_chars) for s in sources],
+              "split": (dc.valid_fraction, dc.split_seed), "version": CACHE_VERSION}
+    corpus_key = fingerprint(corpus)
+    split_dir = build_once(cache_root / "splits" / corpus_key,
+                           lambda tmp: plan_split(sources, dc.valid_fraction, dc.split_seed, show_progress),
+                           is_builder)
+    tokenizer, tok_hash = _tokenizer(cfg, sources, split_dir, corpus_key, cache_root, is_builder)
 
-    key = fingerprint({"train": train_fp, "valid": fingerprint(describe(valid_files)),
-                       "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str()), "pack": "concat-eos"})
+    T = dc.block_size
+    key = fingerprint({"corpus": corpus_key, "tokenizer": tok_hash, "eos": tokenizer.eos_token_id,
+                       "pack": dc.pack, "block_size": T if dc.pack == "chunk" else None})
 
     def build(tmp: Path) -> dict:
-        info = {}
-        for split, fs in (("train", train_files), ("valid", valid_files)):
-            info[split] = write_token_stream(read_texts(fs), tokenizer, tmp / f"{split}.bin",
-                                             desc=f"tokenize {split}", show_progress=show_progress)
-            info[split]["files"] = len(fs)
-        return info
+        plan = read_meta(split_dir)
+        chars = plan["train"]["chars"] + plan.get("valid", {}).get("chars", 0)
+        info = write_token_streams(labelled_documents(sources, plan, dc.split_seed), tokenizer, tmp, dc.pack, T,
+                                   total_chars=chars, show_progress=show_progress)
+        return {**info, "pack": dc.pack, "tokenizer_hash": tok_hash, "split": plan}
 
     cache = build_once(cache_root / "tokens" / key, build, is_builder)
-    info = json.loads((cache / "ready.json").read_text())
-    T = dc.block_size
-    train = TokenBlocks(cache / "train.bin", info["train"]["dtype"], T)
-    valid = TokenBlocks(cache / "valid.bin", info["valid"]["dtype"], T)
+    info = read_meta(cache)
+    train = TokenBlocks(cache / "train.bin", info["dtype"], T)
+    valid = TokenBlocks(cache / "valid.bin", info["dtype"], T)
     for name, blocks in (("train", train), ("valid", valid)):
         if len(blocks) == 0:
-            raise ValueError(f"the {name} split has {len(blocks.tokens)} tokens, fewer than one "
-                             f"block of data.block_size={T}")
+            raise DataError(f"the {name} split has {len(blocks.tokens)} tokens, fewer than one block of "
+                            f"data.block_size={T}")
+        info[name]["blocks"] = len(blocks)
+        if dc.pack == "concat":  # the stream's tail that does not fill a block
+            info[name]["dropped_tokens"] = len(blocks.tokens) - len(blocks) * T
+    _log_summary(info, dc)
     info["cache_dir"] = str(cache)
     return Prepared(tokenizer, train, valid, info)
+
+
+def _log_summary(info: dict, dc) -> None:
+    plan = info["split"]
+    read, kept = plan["train"]["documents"], plan["train"]["kept"]
+    how = "explicit validation data" if plan["explicit_valid"] else f"valid_fraction={dc.valid_fraction}"
+    log.info("corpus: kept %d of %d documents (%.1f%%) after filters; %s gives %d validation documents",
+             kept, read, 100 * kept / max(read, 1), how, plan["n_valid"])
+    for name in ("train", "valid"):
+        s = info[name]
+        log.info("%s: %d documents, %d blocks of %d tokens (%s) kept, %d tokens dropped by %s packing",
+                 name, s["documents"], s["blocks"], dc.block_size, info["dtype"], s["dropped_tokens"], dc.pack)
+
+
+def _main() -> None:
+    import hydra
+
+    from ..config import register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+    def main(cfg) -> None:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s",
+                            datefmt="%H:%M:%S")
+        data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=True, show_progress=True)
+        summary = {k: data.info[k] for k in ("cache_dir", "train", "valid", "dtype", "pack")}
+        summary.update(vocab_size=len(data.tokenizer), train_blocks=len(data.train), valid_blocks=len(data.valid))
+        print(json.dumps(summary, indent=2))
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()

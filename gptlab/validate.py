@@ -1,0 +1,180 @@
+"""Checks that run before step 1, so a bad input fails in one line, not an hour in.
+
+Three moments, called from run.py:
+- check_config: the composed config alone (values, ranges, cross-key rules);
+- check_environment: the machine (mixed precision support, writable directories);
+- check_run: once the model and data exist (positions, vocab, batch sizes, disk).
+
+Every failure is a ConfigError naming the key and the bad value; train.py prints
+a GptlabError as one line and exits non-zero.
+"""
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+log = logging.getLogger(__name__)
+
+POSITIVE = (
+    "trainer.micro_batch_size", "trainer.grad_accum", "trainer.max_steps", "trainer.eval_every",
+    "trainer.log_every", "trainer.max_skips", "trainer.sample_max_new_tokens",
+    "model.n_layer", "model.n_head", "model.n_embd", "model.n_positions",
+)
+MIXED_PRECISION = (None, "no", "fp16", "bf16", "fp8")
+NONFINITE = ("skip", "stop")
+# fp32 weights plus AdamW's two fp32 moments.
+CHECKPOINT_BYTES_PER_PARAM = 12
+
+
+class GptlabError(Exception):
+    """An error the user can act on: train.py prints it as one line, without a traceback."""
+
+
+class ConfigError(GptlabError, ValueError):
+    """A config value that is bad on its own or does not fit the model, data or machine."""
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A config value names a file or directory that is not there."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_warmup(warmup_steps: int, max_steps: int) -> None:
+    # A warning, not an error: the schedule stays defined (a linear ramp that stops short),
+    # and smoke runs of a step or two under a longer default warmup are legitimate.
+    if warmup_steps > max_steps:
+        log.warning("scheduler.warmup_steps=%d is longer than the run (%d steps): the LR never reaches "
+                    "optim.lr and never decays", warmup_steps, max_steps)
+
+
+def check_config(cfg) -> None:
+    try:  # interpolations first, such as an experiment's ${required:data.files}
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(str(e).splitlines()[0].split("resolving interpolation: ")[-1]) from None
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        _require(value is None or value >= 1, f"{key}={value} must be at least 1")
+    tc, mc, oc, sc = cfg.trainer, cfg.model, cfg.optim, cfg.scheduler
+    _require(tc.epochs is None or tc.epochs >= 1, f"trainer.epochs={tc.epochs} must be at least 1 (or null)")
+    _require(tc.max_grad_norm >= 0, f"trainer.max_grad_norm={tc.max_grad_norm} must be >= 0 (0 turns clipping off)")
+    _require(tc.mixed_precision in MIXED_PRECISION,
+             f"trainer.mixed_precision={tc.mixed_precision} must be one of no, fp16, bf16, fp8 (or null)")
+    _require(tc.nonfinite in NONFINITE, f"trainer.nonfinite={tc.nonfinite} must be skip or stop")
+    _require(tc.spike_zscore is None or tc.spike_zscore > 0,
+             f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
+    _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
+
+    from .model import check_block_size
+    check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
+    if not mc.pretrained_path:  # a pretrained model brings its own shape
+        _require(mc.n_embd % mc.n_head == 0, f"model.n_embd={mc.n_embd} is not divisible by model.n_head={mc.n_head}")
+        _require(0 <= mc.dropout < 1, f"model.dropout={mc.dropout} must be in [0, 1)")
+        if not cfg.tokenizer.path:
+            n_special = len(cfg.tokenizer.special_tokens)
+            _require(n_special >= 1, "tokenizer.special_tokens=[] needs at least one token to serve as eos")
+            _require(cfg.tokenizer.vocab_size >= 256 + n_special,
+                     f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is below the 256 byte symbols "
+                     f"plus {n_special} special token(s)")
+
+    _require(oc.lr > 0 and math.isfinite(oc.lr), f"optim.lr={oc.lr} must be a positive number")
+    _require(oc.weight_decay >= 0, f"optim.weight_decay={oc.weight_decay} must be >= 0")
+    _require(len(oc.betas) == 2 and all(0 <= b < 1 for b in oc.betas),
+             f"optim.betas={list(oc.betas)} must be two numbers in [0, 1)")
+    _require(oc.eps > 0, f"optim.eps={oc.eps} must be > 0: Adam divides by sqrt(v) + eps, so a weight "
+                         "with no gradient yet (an unused embedding row) would turn NaN")
+    _require(sc.warmup_steps >= 0, f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0")
+    _require(sc.min_lr >= 0, f"scheduler.min_lr={sc.min_lr} must be >= 0")
+    _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
+    _check_names(cfg)
+
+    from .loss import LOSSES
+    lc = cfg.loss
+    _require(lc.name in LOSSES, f"loss.name={lc.name} must be one of {', '.join(LOSSES)}")
+    _require(lc.alpha > 0, f"loss.alpha={lc.alpha} must be > 0: it scales every sample's weight")
+    _require(lc.name != "keytoken" or len(lc.keywords) > 0, "loss=keytoken needs loss.keywords; the list is empty")
+
+
+def _check_names(cfg) -> None:
+    """Optimizer and schedule names, asked of the code that knows them (one source of truth)."""
+    from .optim import build_optimizer, lr_at
+
+    try:
+        lr_at(1, cfg.optim.lr, 2, 0, 0.0, cfg.scheduler.name)
+        build_optimizer(torch.nn.Linear(1, 1), cfg.optim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def fast_cpu_precision(precision: str) -> bool:
+    """Whether this CPU has native matmul for the dtype; otherwise torch emulates it."""
+    if precision == "bf16":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if precision == "fp16":
+        return torch.cpu._is_amx_fp16_supported()
+    return False
+
+
+def check_environment(cfg, cuda: bool) -> None:
+    # fp16/bf16 on a CPU without native support fall back to fp32 with a warning
+    # (distributed.resolve_mixed_precision); what cannot run at all is refused here.
+    mp = cfg.trainer.mixed_precision
+    _require(mp != "fp8" or cuda, "trainer.mixed_precision=fp8 needs a GPU; use no (or leave it unset) here")
+    if cuda and mp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(f"trainer.mixed_precision=bf16: {torch.cuda.get_device_name()} has no native bf16; "
+                          "use fp16 or no")
+    check_writable("run_dir", cfg.run_dir or "outputs")
+    check_writable("cache_dir", cfg.cache_dir)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(key: str, value: str) -> None:
+    """Probe with a real file, not os.access: root passes os.access on a read-only mount."""
+    base = _nearest_existing(Path(value).expanduser().absolute())
+    _require(base.is_dir(), f"{key}={value} is not writable: {base} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}={value} is not writable: {base}: {e.strerror}") from None
+
+
+def checkpoint_bytes(n_params: int) -> int:
+    return CHECKPOINT_BYTES_PER_PARAM * n_params
+
+
+def check_disk(run_dir: Path, n_params: int) -> None:
+    free = shutil.disk_usage(_nearest_existing(Path(run_dir))).free
+    need = checkpoint_bytes(n_params)
+    _require(free >= need, f"run_dir={run_dir} has {free / 2**20:.0f} MiB free, less than one checkpoint needs "
+                           f"(~{need / 2**20:.0f} MiB: {n_params:,} parameters x fp32 weights and 2 Adam moments)")
+
+
+def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_dir: Path) -> None:
+    """The model and data against each other and the config; before the optimizer exists."""
+    from .model import count_parameters
+
+    T, b = cfg.data.block_size, cfg.trainer.micro_batch_size
+    _require(len(train_blocks) >= b,
+             f"the training set has {len(train_blocks)} blocks of data.block_size={T}, fewer than one "
+             f"micro batch (trainer.micro_batch_size={b})")
+    need = b * num_processes
+    _require(len(valid_blocks) >= need,
+             f"the validation set has {len(valid_blocks)} blocks of data.block_size={T}, fewer than one batch "
+             f"(trainer.micro_batch_size={b} x {num_processes} process(es) = {need}); "
+             "give it more data or lower data.block_size")
+    check_disk(run_dir, count_parameters(model))

@@ -31,14 +31,14 @@ def word_level_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
-def random_tokens(out_dir: Path, vocab_size: int, n_tokens: int, block_size: int):
+def random_tokens(out_dir: Path, vocab_size: int, n_tokens: int, block_size: int, batch: int):
     import numpy as np
     from gptlab.data.blocks import TokenBlocks
     from gptlab.data.prepare import Prepared
 
     rng = np.random.default_rng(0)
     blocks = {}
-    for split, n in (("train", n_tokens), ("valid", block_size)):
+    for split, n in (("train", n_tokens), ("valid", block_size * batch)):
         rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(out_dir / f"{split}.bin")
         blocks[split] = TokenBlocks(out_dir / f"{split}.bin", "uint16", block_size)
     return Prepared(word_level_tokenizer(vocab_size), blocks["train"], blocks["valid"], {"cache_dir": str(out_dir)})
@@ -71,7 +71,7 @@ def main() -> None:
     print(f"{device}, torch {torch.__version__}: {json.dumps(settings)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         n_tokens = (args.steps + 1) * args.batch * args.block
-        data = random_tokens(Path(tmp), vocab, n_tokens, args.block)
+        data = random_tokens(Path(tmp), vocab, n_tokens, args.block, args.batch)
         result = run_gptlab(data, [*as_overrides(settings), *args.override], args.steps, args.warmup_steps)
     result.update(device=device, settings=settings)
     print(f"{result['tokens_per_s']:.0f} tokens/s, MFU {result['logged_mfu']:.1%} "

@@ -42,48 +42,27 @@ COMMON = {
 }
 
 
-# --- data: a BPE trained with gptlab's tokenizer code, the novel as one token stream, cached ---
+# --- data: gptlab's own text source and BPE on the novel, prepared once into its token cache ---
 
-def prepare_tokens(text_path: Path, cache_root: Path, vocab_size: int, max_chars: int | None) -> Path:
-    from gptlab.data.cache import build_once, fingerprint
-    from gptlab.data.pack import write_token_stream
-    from gptlab.tokenizer import train_bpe
-
-    st = text_path.stat()
-    key = fingerprint({"text": [str(text_path), st.st_size, st.st_mtime_ns], "vocab": vocab_size, "chars": max_chars})
-
-    def build(tmp: Path) -> dict:
-        text = text_path.read_text(encoding="utf-8")[:max_chars]
-        paragraphs = [p for p in text.split("\n\n") if p.strip()]
-        tok = train_bpe(paragraphs, vocab_size, 2, ["<|endoftext|>"], length=len(paragraphs))
-        tok.save_pretrained(str(tmp / "tokenizer"))
-        # The last 1% of paragraphs is the validation split gptlab's loop evaluates at its end.
-        n_valid = max(1, len(paragraphs) // 100)
-        info = {"vocab_size": len(tok)}
-        for split, docs in (("train", paragraphs[:-n_valid]), ("valid", paragraphs[-n_valid:])):
-            info[split] = write_token_stream(docs, tok, tmp / f"{split}.bin", desc=f"tokenize {split}")
-        return info
-
-    return build_once(cache_root / "bench" / key, build, is_builder=True)
+def data_overrides(args) -> list:
+    # A line (the novel's paragraph) is one document; 5% of them, by a seeded hash, is the
+    # validation split, enough for an evaluation batch even in the test's slice of the novel.
+    return ["data=text", f"data.files=[{json.dumps(str(Path(args.text).resolve()))}]", "data.text_unit=line",
+            "data.valid_fraction=0.05", f"tokenizer.vocab_size={args.vocab_size}"]
 
 
-def load_data(cache: Path, block_size: int):
-    from gptlab.data.blocks import TokenBlocks
-    from gptlab.data.prepare import Prepared
-    from gptlab.tokenizer import load_tokenizer
+def load_data(args):
+    from gptlab.data.prepare import prepare
 
-    info = json.loads((cache / "ready.json").read_text())
-    return Prepared(load_tokenizer(cache / "tokenizer"),
-                    TokenBlocks(cache / "train.bin", info["train"]["dtype"], block_size),
-                    TokenBlocks(cache / "valid.bin", info["valid"]["dtype"], block_size),
-                    {**info, "cache_dir": str(cache)})
+    cfg = compose([*as_overrides(COMMON), *data_overrides(args)])
+    return prepare(cfg, Path(args.cache_dir).expanduser(), show_progress=not args.worker)
 
 
 # --- arm A: gptlab's real run(): accelerator, model, optimizer, loop, export (bench/common.py) ---
 
 def run_gptlab_arm(args, extra: list) -> dict:
-    data = load_data(Path(args.data), COMMON["data.block_size"])
-    return run_gptlab(data, [*as_overrides(COMMON), *extra], args.steps, args.warmup_steps)
+    return run_gptlab(load_data(args), [*as_overrides(COMMON), *data_overrides(args), *extra], args.steps,
+                      args.warmup_steps)
 
 
 # --- arm B: the Trainer with default_data_collator, as the seeds use it (run_clm style) ---
@@ -95,8 +74,8 @@ def run_trainer(args, extra: list) -> dict:
     from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments,
                               default_data_collator)
 
-    cfg = compose(as_overrides(COMMON))
-    data = load_data(Path(args.data), cfg.data.block_size)
+    cfg = compose([*as_overrides(COMMON), *data_overrides(args)])
+    data = load_data(args)
     T = cfg.data.block_size
     ids = np.asarray(data.train.tokens[: len(data.train) * T], dtype=np.int64).reshape(-1, T).tolist()
     # group_texts in run_clm: labels are a copy of input_ids; the model shifts them.
@@ -143,8 +122,9 @@ def worker(args) -> None:
     print_result(run_gptlab_arm(args, extra) if kind == "gptlab" else run_trainer(args, extra))
 
 
-def spawn(arm: str, args, data: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", arm, "--data", str(data), "--steps", str(args.steps),
+def spawn(arm: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--vocab-size", str(args.vocab_size),
+           "--cache-dir", str(args.cache_dir), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup_steps)]
     env = dict(os.environ)
     if args.threads:
@@ -156,12 +136,12 @@ def spawn(arm: str, args, data: Path) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def flops_per_token(data: Path) -> float:
+def flops_per_token(args) -> float:
     from gptlab.flops import model_flops_per_token
     from gptlab.model import build_model
 
-    cfg = compose(as_overrides(COMMON))
-    model = build_model(cfg.model, load_data(data, cfg.data.block_size).tokenizer, cfg.data.block_size)
+    cfg = compose([*as_overrides(COMMON), *data_overrides(args)])
+    model = build_model(cfg.model, load_data(args).tokenizer, cfg.data.block_size)
     return model_flops_per_token(model, cfg.data.block_size)
 
 
@@ -175,12 +155,10 @@ def main() -> None:
     p.add_argument("--text", default=str(WAR_AND_PEACE))
     p.add_argument("--cache-dir", default="~/.cache/gptlab")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--max-chars", type=int, default=None, help="use only the novel's first N characters")
     p.add_argument("--threads", type=int, help="torch threads for every arm and the peak measurement "
                    "(default: torch's choice); 1 is steadier on a machine shared with other jobs")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps % args.warmup_steps or args.steps <= args.warmup_steps:
         p.error("--steps must be a larger multiple of --warmup-steps")
@@ -194,8 +172,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = args.arm or ["gptlab", "trainer"]
-    data = prepare_tokens(Path(args.text), Path(args.cache_dir).expanduser(), args.vocab_size, args.max_chars)
-    fpt = flops_per_token(data)
+    fpt = flops_per_token(args)  # prepares the data (once; the arms find it cached)
     print(f"{len(arms)} arms x {args.repeats} repeats, {args.steps} steps ({args.warmup_steps} untimed), "
           f"{torch.get_num_threads()} threads, {fpt / 1e6:.1f} MFLOPs per token", flush=True)
     results, peaks = {arm: [] for arm in arms}, []
@@ -203,7 +180,7 @@ def main() -> None:
         # A B A B, with every other round reversed so a drifting load favours no arm.
         for arm in arms if r % 2 == 0 else arms[::-1]:
             peaks.append(matmul_peak())  # next to each run, under the same neighbours
-            res = spawn(arm, args, data)
+            res = spawn(arm, args)
             results[arm].append(res)
             print(f"  round {r + 1} {arm:32s} {res['tokens_per_s']:6.0f} tok/s  {res['tokens_per_cpu_s']:6.0f} tok/CPU-s"
                   f"  (matmul {peaks[-1]['flops'] / 1e9:.0f} GFLOP/s, {peaks[-1]['flops_per_cpu_s'] / 1e9:.0f} "

@@ -185,7 +185,7 @@ def test_skipping_under_a_grad_scaler_keeps_it_usable():
 
 
 RANKS_SCRIPT = """
-import json, math, torch
+import json, math, sys, torch
 from accelerate import Accelerator
 from gptlab.guards import StepGuard
 acc = Accelerator(cpu=True)
@@ -194,7 +194,9 @@ r = acc.process_index
 # rank 1 alone sees a NaN at step 2 and a spike at step 6; the others see ordinary losses
 losses = [5.0, math.nan if r == 1 else 5.0, 5.1, 4.9, 5.0, 90.0 if r == 1 else 5.0, 5.0]
 took = [g.check(torch.tensor(x), torch.tensor(1.0), s, acc) for s, x in enumerate(losses, 1)]
-print("RESULT", json.dumps({"world": acc.num_processes, "rank": r, "took": took, "skipped": g.skipped}))
+# One file per rank: two processes printing to one pipe can interleave their lines.
+with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
+    json.dump({"world": acc.num_processes, "rank": r, "took": took, "skipped": g.skipped}, f)
 """
 
 
@@ -210,11 +212,11 @@ def test_ranks_agree_on_which_updates_to_skip(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(port), str(script)]
+           "--main_process_port", str(port), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
     for r in results:  # both ranks skip steps 2 and 6, though only rank 1 saw the fault
         assert r["took"] == [True, False, True, True, True, False, True] and r["skipped"] == 2

@@ -8,6 +8,7 @@ machine for a while slows both arms alike; the summary gives medians.
     python bench/train_vs_trainer.py                     # gptlab, trainer: 3 rounds of 60 steps
     python bench/train_vs_trainer.py --threads 1 --arm gptlab --arm trainer --arm trainer:gelu_pytorch_tanh
     python bench/train_vs_trainer.py --arm gptlab --arm gptlab:trainer.compile=true
+    python bench/train_vs_trainer.py --arm gptlab --arm gptlab-fused_loss   # without one optimisation
 
 The Trainer arm builds the model as the seeds do, from a GPT2Config of the same shape,
 whose default activation is "gelu_new"; `trainer:gelu_pytorch_tanh` gives it the same
@@ -60,7 +61,36 @@ def load_data(args):
 
 # --- arm A: gptlab's real run(): accelerator, model, optimizer, loop, export (bench/common.py) ---
 
-def run_gptlab_arm(args, extra: list) -> dict:
+# Each undoes one optimisation of gptlab's training step, to measure what it gives:
+# `--arm gptlab-fused_loss` is gptlab with the logits path instead of the fused head + loss.
+def _logits_loss():
+    import gptlab.loop
+
+    gptlab.loop.forward_loss = lambda model, x, loss_fn: loss_fn(model(input_ids=x, use_cache=False).logits, x)
+
+
+def _gelu_new():
+    import gptlab.model
+
+    config = gptlab.model.GPT2Config
+    gptlab.model.GPT2Config = lambda **kw: config(**{**kw, "activation_function": "gelu_new"})
+
+
+def _foreach_adamw():
+    import torch
+    import gptlab.run
+    from gptlab.optim import param_groups
+
+    gptlab.run.build_optimizer = lambda model, c: torch.optim.AdamW(
+        param_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas), eps=c.eps, foreach=True)
+
+
+ABLATIONS = {"fused_loss": _logits_loss, "tanh_gelu": _gelu_new, "fused_adamw": _foreach_adamw}
+
+
+def run_gptlab_arm(args, extra: list, without: str = "") -> dict:
+    for name in filter(None, without.split("-")):
+        ABLATIONS[name]()
     return run_gptlab(load_data(args), [*as_overrides(COMMON), *data_overrides(args), *extra], args.steps,
                       args.warmup_steps)
 
@@ -118,8 +148,9 @@ def run_trainer(args, extra: list) -> dict:
 
 def worker(args) -> None:
     kind, _, extra = args.worker.partition(":")
+    kind, _, without = kind.partition("-")
     extra = [e for e in extra.split(",") if e]
-    print_result(run_gptlab_arm(args, extra) if kind == "gptlab" else run_trainer(args, extra))
+    print_result(run_gptlab_arm(args, extra, without) if kind == "gptlab" else run_trainer(args, extra))
 
 
 def spawn(arm: str, args) -> dict:
@@ -147,7 +178,8 @@ def flops_per_token(args) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arm", action="append", help="gptlab[:hydra.override,...] or trainer[:activation]; "
+    p.add_argument("--arm", action="append", help="gptlab[-ablation...][:hydra.override,...] or trainer[:activation]; "
+                   f"ablations: {', '.join(ABLATIONS)}; "
                    "default: gptlab and trainer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=60)

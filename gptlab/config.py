@@ -124,6 +124,9 @@ class TrainerConfig:
     # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
     # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
     mixed_precision: Optional[str] = None
+    # Torch threads per process on a CPU; null: the physical cores / the processes on this machine.
+    # (accelerate launch sets OMP_NUM_THREADS=1 for a single CPU process unless told otherwise.)
+    cpu_threads: Optional[int] = None
     # torch.compile the repeated transformer blocks (see model.compile_blocks).
     compile: bool = False
     # TensorFloat-32 matmuls on CUDA GPUs that have it; no effect on CPU.

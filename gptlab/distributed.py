@@ -1,5 +1,6 @@
 """The Accelerator, the one run directory all ranks agree on, rank-aware logging, and DP mode."""
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +35,18 @@ def make_accelerator(trainer_cfg) -> Accelerator:
     accelerator = Accelerator(cpu=not cuda,
                               mixed_precision=resolve_mixed_precision(trainer_cfg.mixed_precision, cuda))
     check_parallel(trainer_cfg.parallel, accelerator.num_processes)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(trainer_cfg.cpu_threads or cpu_threads_per_process())
     return accelerator
+
+
+def cpu_threads_per_process() -> int:
+    """The physical cores shared by the processes on this machine: more threads than cores
+    only spin, and accelerate launch would leave a lone CPU process a single thread."""
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def check_parallel(parallel: str, num_processes: int) -> None:

@@ -53,8 +53,9 @@ def run(cfg) -> dict:
         cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
     if main:
         _save_config(cfg, run_dir)
-    log.info("run directory %s; %d process(es), %s, mixed precision %s", run_dir,
-             accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision)
+    log.info("run directory %s; %d process(es), %s, mixed precision %s%s", run_dir,
+             accelerator.num_processes, accelerator.distributed_type, accelerator.mixed_precision,
+             f", {torch.get_num_threads()} CPU thread(s) per process" if accelerator.device.type == "cpu" else "")
 
     set_seed(cfg.seed)
     check_block_size(cfg.model, cfg.data.block_size)

@@ -228,6 +228,30 @@ def test_compiled_blocks_give_the_same_loss_and_keep_the_model_plain():
         torch.testing.assert_close(compiled(input_ids=x).logits, eager.eval()(input_ids=x).logits)
 
 
+def test_cpu_threads_default_to_the_cores_shared_by_local_processes(monkeypatch):
+    """accelerate launch leaves a lone CPU process OMP_NUM_THREADS=1; gptlab sets its own count."""
+    import psutil
+    from omegaconf import OmegaConf
+    from gptlab.distributed import cpu_threads_per_process, make_accelerator
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if not logical else 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads_per_process() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads_per_process() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert cpu_threads_per_process() == 1
+
+    before = torch.get_num_threads()
+    try:
+        for configured, expected in ((3, 3), (None, 1)):
+            tc = OmegaConf.create({"mixed_precision": None, "parallel": "ddp", "cpu_threads": configured})
+            make_accelerator(tc)
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- the benches, CI-sized: they run and report positive numbers ---
 
 def run_bench(*args, timeout=900):

@@ -23,6 +23,7 @@ CONFIG_TABLE = [
     ("trainer.max_steps=0", r"^trainer\.max_steps=0 must be at least 1$"),
     ("trainer.eval_every=0", r"^trainer\.eval_every=0 must be at least 1$"),
     ("trainer.log_every=-1", r"^trainer\.log_every=-1 must be at least 1$"),
+    ("trainer.cpu_threads=0", r"^trainer\.cpu_threads=0 must be at least 1$"),
     ("trainer.max_skips=0", r"^trainer\.max_skips=0 must be at least 1$"),
     ("trainer.sample_max_new_tokens=0", r"^trainer\.sample_max_new_tokens=0 must be at least 1$"),
     ("trainer.epochs=0", r"^trainer\.epochs=0 must be at least 1 \(or null\)$"),

@@ -69,6 +69,22 @@ def tiny_corpus(tmp_path_factory):
     return out
 
 
+def disk_full_at_step(monkeypatch, step: int) -> None:
+    """Accelerate's save raises ENOSPC while checkpoint `step` is being written, as on a full disk."""
+    import errno
+
+    import accelerate.checkpointing as ac
+
+    original = ac.save
+
+    def save(obj, f, *args, **kwargs):
+        if f".tmp-step_{step:07d}" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ac, "save", save)
+
+
 def read_metrics(run_dir):
     import json
 

@@ -1,6 +1,5 @@
 """What a checkpoint holds, keep-N and best on disk, fallback from a damaged checkpoint,
 failed saves, the checkpoint options, and `python -m gptlab.export`."""
-import errno
 import json
 import shutil
 import subprocess
@@ -9,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, compose, read_metrics, run_training, series
+from conftest import ROOT, compose, disk_full_at_step, read_metrics, run_training, series
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,17 +105,9 @@ def test_a_latest_checkpoint_that_fails_to_load_falls_back_with_a_warning(run, b
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(base, tmp_path, monkeypatch):
-    import accelerate.checkpointing as ac
     from gptlab.checkpoint import CheckpointError, read_trainer_state
 
-    original = ac.save
-
-    def disk_full_at_step_4(obj, f, *args, **kwargs):
-        if ".tmp-step_0000004" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return original(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(ac, "save", disk_full_at_step_4)
+    disk_full_at_step(monkeypatch, 4)
     with pytest.raises(CheckpointError, match=r"could not save checkpoint .*step_0000004.*No space left on device"):
         run_training([f"run_dir={tmp_path}", *base, "trainer.save_every=2", "trainer.eval_every=2"])
     ckpts = tmp_path / "checkpoints"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose, read_metrics, run_training, series
+from conftest import ROOT, compose, disk_full_at_step, read_metrics, run_training, series
 from gptlab.guards import StepGuard, TrainingHalted
 from gptlab.validate import GptlabError
 
@@ -95,19 +95,9 @@ def test_stop_halts_at_the_step_before_updating(tmp_path, cache_dir, monkeypatch
 
 
 def test_stop_reports_a_failed_save_and_the_previous_checkpoint_still_loads(tmp_path, cache_dir, monkeypatch):
-    import errno
-
-    import accelerate.checkpointing as ac
     from gptlab.checkpoint import find_checkpoint, read_trainer_state
 
-    original = ac.save
-
-    def disk_full_at_step_3(obj, f, *args, **kwargs):
-        if ".tmp-step_0000003" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return original(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(ac, "save", disk_full_at_step_3)
+    disk_full_at_step(monkeypatch, 3)
     Probe(monkeypatch, {4: NAN})
     with pytest.raises(TrainingHalted, match=r"^step 4: non-finite .*; saving that state failed too: could not save "
                                              r"checkpoint .*step_0000003.*No space left on device"):

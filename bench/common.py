@@ -68,30 +68,46 @@ def matmul_peak(n: int = 1024, seconds: float = 1.0) -> dict:
     return {"flops": flops / wall, "flops_per_cpu_s": flops / max(cpu, 1e-9)}
 
 
-def run_gptlab(data, overrides: list, steps: int, warmup_steps: int) -> dict:
+def gptlab_run(data, overrides: list, on_log=None):
     """gptlab.run.run() as is, its data stage pointed at `data` (a gptlab.data.prepare.Prepared).
 
-    Throughput counts the steps after `warmup_steps` (the log interval), timed where
-    the loop logs, right after its host sync.
+    on_log(metrics, step) sees every tracker call, and (None, 0) just before the loop
+    starts; returns the composed config and metrics.jsonl's rows.
     """
     import gptlab.run as gptlab_run
 
-    clock = StepClock()
+    on_log = on_log or (lambda metrics, step: None)
 
-    class ClockedTracker(gptlab_run.Tracker):
+    class HookedTracker(gptlab_run.Tracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            on_log(None, 0)  # run() makes the tracker right before the loop
+
         def log(self, metrics, step):
-            if "train/tokens_per_s" in metrics:
-                clock.stamp(step)
+            on_log(metrics, step)
             super().log(metrics, step)
 
     gptlab_run.prepare = lambda cfg, *a, **k: data
-    gptlab_run.Tracker = ClockedTracker
+    gptlab_run.Tracker = HookedTracker
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose([*overrides, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
-                       f"trainer.log_every={warmup_steps}", f"trainer.eval_every={10 ** 9}",
-                       "trainer.sample_max_new_tokens=1", "logger.tensorboard=false"])
+        cfg = compose([*overrides, f"run_dir={run_dir}", "trainer.sample_max_new_tokens=1", "logger.tensorboard=false"])
         gptlab_run.run(cfg)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return cfg, rows
+
+
+def run_gptlab(data, overrides: list, steps: int, warmup_steps: int) -> dict:
+    """Throughput of gptlab_run: the steps after `warmup_steps` (the log interval), timed
+    where the loop logs, right after its host sync.
+    """
+    clock = StepClock()
+
+    def on_log(metrics, step):
+        if metrics and "train/tokens_per_s" in metrics:
+            clock.stamp(step)
+
+    cfg, rows = gptlab_run(data, [*overrides, f"trainer.max_steps={steps}", f"trainer.log_every={warmup_steps}",
+                                  f"trainer.eval_every={10 ** 9}"], on_log)
     rows = [r for r in rows if "train/mfu" in r and r["step"] > warmup_steps]
     tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.block_size * cfg.trainer.grad_accum
     return {**clock.rates(tokens_per_step, warmup_steps, steps),

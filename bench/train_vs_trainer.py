@@ -97,29 +97,40 @@ def run_gptlab_arm(args, extra: list, without: str = "") -> dict:
 
 # --- arm B: the Trainer with default_data_collator, as the seeds use it (run_clm style) ---
 
-def run_trainer(args, extra: list) -> dict:
+def make_trainer(data, block_size: int, steps: int, out_dir: str, model_kw: dict, args_kw: dict, callbacks=()):
+    """The seeds' Trainer over gptlab's tokens of `data`: run_clm's group_texts, default_data_collator,
+    GPT2LMHeadModel(GPT2Config(**model_kw)), TrainingArguments(**args_kw); seeded by args_kw["seed"]."""
     import numpy as np
     import torch
     from datasets import Dataset
-    from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator
 
-    cfg = compose([*as_overrides(COMMON), *data_overrides(args)])
-    data = load_data(args)
-    T = cfg.data.block_size
+    T = block_size
     ids = np.asarray(data.train.tokens[: len(data.train) * T], dtype=np.int64).reshape(-1, T).tolist()
     # group_texts in run_clm: labels are a copy of input_ids; the model shifts them.
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * T] * len(ids), "labels": ids})
+    tok = data.tokenizer
+    torch.manual_seed(args_kw["seed"])
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id,
+                                       eos_token_id=tok.eos_token_id, **model_kw))
+    targs = TrainingArguments(output_dir=out_dir, max_steps=steps, save_strategy="no", eval_strategy="no",
+                              report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                              dataloader_drop_last=True, **args_kw)
+    return Trainer(model=model, args=targs, train_dataset=ds, data_collator=default_data_collator,
+                   callbacks=list(callbacks))
+
+
+def run_trainer(args, extra: list) -> dict:
+    from transformers import TrainerCallback
+
+    cfg = compose([*as_overrides(COMMON), *data_overrides(args)])
+    data = load_data(args)
+    m, o = cfg.model, cfg.optim
     # The seeds' model: a GPT2Config with the same shape (and gptlab's dropout of 0), whose
     # default activation is "gelu_new"; `trainer:gelu_pytorch_tanh` gives it gptlab's kernel.
-    tok, m = data.tokenizer, cfg.model
-    config = GPT2Config(vocab_size=len(tok), n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
-                        n_head=m.n_head, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                        **({"activation_function": extra[0]} if extra else {}))
-    torch.manual_seed(cfg.seed)
-    model = GPT2LMHeadModel(config)
-
+    model_kw = {"n_positions": m.n_positions, "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head,
+                "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
+                **({"activation_function": extra[0]} if extra else {})}
     clock = StepClock()
 
     class Clocked(TrainerCallback):
@@ -128,20 +139,16 @@ def run_trainer(args, extra: list) -> dict:
 
     steps, warm = args.steps, args.warmup_steps
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=cfg.trainer.micro_batch_size, max_steps=steps,
-            learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
-            adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.trainer.max_grad_norm,
-            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.scheduler.min_lr},
-            warmup_steps=cfg.scheduler.warmup_steps, logging_steps=warm, save_strategy="no", eval_strategy="no",
-            report_to=[], seed=cfg.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-            dataloader_drop_last=True)
-        trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=default_data_collator,
-                          callbacks=[Clocked()])
+        trainer = make_trainer(data, cfg.data.block_size, steps, out, model_kw, dict(
+            per_device_train_batch_size=cfg.trainer.micro_batch_size, learning_rate=o.lr,
+            weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
+            max_grad_norm=cfg.trainer.max_grad_norm, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr": cfg.scheduler.min_lr}, warmup_steps=cfg.scheduler.warmup_steps,
+            logging_steps=warm, seed=cfg.seed), [Clocked()])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {**clock.rates(cfg.trainer.micro_batch_size * T, warm, steps), "optimizer": targs.optim.value,
-            "final_loss": losses[-1]}
+    return {**clock.rates(cfg.trainer.micro_batch_size * cfg.data.block_size, warm, steps),
+            "optimizer": trainer.args.optim.value, "final_loss": losses[-1]}
 
 
 # --- the driver ---

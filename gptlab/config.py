@@ -81,18 +81,27 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | adafactor (betas and eps do not apply to adafactor)
+    name: str = "adamw"  # adamw | adam | adafactor | muon (betas and eps do not apply to adafactor)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    # muon: torch.optim.Muon for the matrices inside the blocks, AdamW (lr, weight_decay,
+    # betas, eps above) for the rest; both follow the one schedule multiplier.
+    muon_lr: float = 2e-3
+    muon_weight_decay: float = 0.1
+    momentum: float = 0.95
+    ns_steps: int = 5
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | constant
+    name: str = "cosine"  # cosine | linear | wsd | constant
     warmup_steps: int = 30
     min_lr: float = 1e-4
+    # wsd: hold optim.lr, then decay to min_lr over this last fraction of the steps, linear | sqrt (1-sqrt).
+    decay_fraction: float = 0.2
+    decay: str = "linear"
 
 
 @dataclass

@@ -11,7 +11,7 @@ from .evaluate import evaluate
 from .flops import MFU
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
-from .optim import lr_at
+from .optim import lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                disable=not accelerator.is_main_process)
     for step in range(start_step, max_steps):
         t = step + 1  # the optimizer step being taken, 1-based as logged
-        lr = lr_at(t, cfg.optim.lr, max_steps, sc.warmup_steps, sc.min_lr, sc.name)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(t, cfg.optim.lr, max_steps, sc.warmup_steps, sc.min_lr, sc.name, sc.decay_fraction, sc.decay)
+        set_lr(optimizer, lr)
 
         micro = order.micro_batches(step)
         step_loss = torch.zeros((), device=device)

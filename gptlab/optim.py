@@ -1,5 +1,6 @@
 """Weight-decay parameter groups, the optimizer, and the LR schedule as a function of the step."""
 import math
+from collections import ChainMap
 
 import torch
 from torch import nn
@@ -37,10 +38,78 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-OPTIMIZERS = ("adamw", "adam", "adafactor")
+def muon_split(model: nn.Module) -> tuple[set, set]:
+    """(ids for Muon, ids for AdamW): Muon takes the hidden 2-D matrices, by module type.
+
+    The matrices param_groups decays, less the output head (GPT-2's is tied to the
+    token embedding and never decays; an untied head, as in Llama, is excluded here):
+    the attention and MLP projections inside the blocks, whatever the model calls them.
+    """
+    decay = {id(p) for p in param_groups(model, 0.0)[0]["params"]}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is not None:
+        decay.discard(id(head.weight))
+    muon = {i for i in decay if i in {id(p) for p in model.parameters() if p.ndim == 2}}
+    return muon, {id(p) for p in model.parameters()} - muon
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch's Muon for the hidden matrices and AdamW for the rest, as one optimizer.
+
+    One object, so Accelerate prepares, saves and loads it like any other (one
+    optimizer.bin) and the loop and the step guard need no second code path.
+    `param_groups` are the inner optimizers' own group dicts, so the LR the loop
+    writes reaches them; each group's `lr_scale` is its base LR over optim.lr, so
+    both follow one schedule multiplier.
+    """
+
+    def __init__(self, muon: torch.optim.Muon | None, adamw: torch.optim.AdamW):
+        self.inner = [o for o in (muon, adamw) if o is not None]
+        super().__init__([p for o in self.inner for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in self.inner for g in o.param_groups]
+        # Read-only view for code that inspects state; the inner optimizers own it.
+        self.state = ChainMap(*(o.state for o in self.inner))
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for o in self.inner:
+            o.step()
+        return loss
+
+    def state_dict(self):
+        return {"inner": [o.state_dict() for o in self.inner]}
+
+    def load_state_dict(self, state_dict):
+        for o, sd in zip(self.inner, state_dict["inner"], strict=True):
+            o.load_state_dict(sd)
+
+
+def build_muon(model: nn.Module, cfg) -> MuonAdamW:
+    muon_ids, _ = muon_split(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    muon = None
+    if any(id(p) in muon_ids for p in params):
+        # match_rms_adamw scales each matrix's update by 0.2 * sqrt(max(rows, cols)): the
+        # same for GPT-2's Conv1D (in, out) and nn.Linear's (out, in), where torch's
+        # default sqrt(max(1, rows / cols)) would read Conv1D's shape the wrong way round.
+        muon = torch.optim.Muon([p for p in params if id(p) in muon_ids], lr=cfg.muon_lr,
+                                weight_decay=cfg.muon_weight_decay, momentum=cfg.momentum,
+                                ns_steps=cfg.ns_steps, adjust_lr_fn="match_rms_adamw")
+        muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
+              for g in param_groups(model, cfg.weight_decay)]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+                              eps=cfg.eps, fused=True)
+    return MuonAdamW(muon, adamw)
+
+
+WSD_DECAYS = ("linear", "sqrt")
+OPTIMIZERS = ("adamw", "adam", "adafactor", "muon")
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        return build_muon(model, cfg)
     groups = param_groups(model, cfg.weight_decay)
     # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.
     if cfg.name == "adamw":
@@ -55,12 +124,20 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr` times its own `lr_scale` (Muon's groups carry muon_lr / optim.lr)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
-          name: str = "cosine") -> float:
+          name: str = "cosine", decay_fraction: float = 0.2, decay: str = "linear") -> float:
     """LR for optimizer step `step` (1-based; the update logged as step t uses lr_at(t)).
 
     Linear warmup reaches `lr` at `warmup_steps`; the decay then reaches `min_lr`
     exactly at `max_steps`. Counted in optimizer steps, never in micro-batches.
+    wsd (warmup-stable-decay) holds `lr` until the last `decay_fraction` of max_steps,
+    then decays to `min_lr` along `decay`: linear, or 1-sqrt (sqrt).
     """
     if step < warmup_steps:
         return lr * step / warmup_steps
@@ -71,4 +148,12 @@ def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: f
         return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if name == "linear":
         return min_lr + (lr - min_lr) * (1.0 - progress)
-    raise ValueError(f"scheduler.name={name!r}: choose cosine, linear or constant")
+    if name == "wsd":
+        if decay not in WSD_DECAYS:
+            raise ValueError(f"scheduler.decay={decay!r}: choose {' or '.join(WSD_DECAYS)}")
+        start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
+        if step <= start:
+            return lr
+        progress = min(1.0, (step - start) / (max_steps - start))
+        return min_lr + (lr - min_lr) * (1.0 - (progress if decay == "linear" else math.sqrt(progress)))
+    raise ValueError(f"scheduler.name={name!r}: choose cosine, linear, wsd or constant")

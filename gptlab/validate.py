@@ -95,6 +95,9 @@ def check_config(cfg) -> None:
     _require(sc.warmup_steps >= 0, f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0")
     _require(sc.min_lr >= 0, f"scheduler.min_lr={sc.min_lr} must be >= 0")
     _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
+    if oc.name == "muon":
+        _check_muon(oc, tc)
+    _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     _check_names(cfg)
 
     from .loss import LOSSES
@@ -104,12 +107,22 @@ def check_config(cfg) -> None:
     _require(lc.name != "keytoken" or len(lc.keywords) > 0, "loss=keytoken needs loss.keywords; the list is empty")
 
 
+def _check_muon(oc, tc) -> None:
+    _require(oc.muon_lr > 0 and math.isfinite(oc.muon_lr), f"optim.muon_lr={oc.muon_lr} must be a positive number")
+    _require(oc.muon_weight_decay >= 0, f"optim.muon_weight_decay={oc.muon_weight_decay} must be >= 0")
+    _require(0 <= oc.momentum < 1, f"optim.momentum={oc.momentum} must be in [0, 1)")
+    _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
+    # Newton-Schulz orthogonalises a whole matrix; a sharded parameter holds only a slice of it.
+    _require(tc.parallel != "fsdp", "optim=muon does not support trainer.parallel=fsdp: Muon needs each "
+                                    "weight matrix whole on every rank; use ddp, or optim=adamw with fsdp")
+
+
 def _check_names(cfg) -> None:
     """Optimizer and schedule names, asked of the code that knows them (one source of truth)."""
     from .optim import build_optimizer, lr_at
 
     try:
-        lr_at(1, cfg.optim.lr, 2, 0, 0.0, cfg.scheduler.name)
+        lr_at(1, cfg.optim.lr, 2, 0, 0.0, cfg.scheduler.name, cfg.scheduler.decay_fraction, cfg.scheduler.decay)
         build_optimizer(torch.nn.Linear(1, 1), cfg.optim)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -1,0 +1,261 @@
+"""Time to a held-out loss: gptlab's recipes against the HF Trainer as the seeds use it.
+
+War and Peace: the first 90% by bytes (cut at a line end) trains, the last 10% is held
+out; one 8192-token byte-level BPE (gptlab's, trained on the train part) for every arm;
+GPT-2 with 4 layers, 256 wide, block 256, micro batch 8.
+
+The Trainer arm: `Trainer` with default_data_collator and GPT2Config defaults otherwise
+(dropout 0.1, gelu_new), lr 1e-3, cosine, 30 warmup steps, weight decay 0.1, clipping 1.0,
+300 steps. Its held-out loss after those steps is the target L*.
+
+Each gptlab arm (gptlab's real run(), bench/common.py) evaluates on the whole held-out
+split every --eval-every steps; it reports the training seconds (evaluation excluded)
+until its held-out loss first reaches L*, with the step, the ratio of those seconds to
+the Trainer's training seconds for its whole run, tokens/s and the final held-out loss.
+Seconds are wall time and this process's CPU time (user + system, which neighbours on a
+shared machine barely inflate); ratios are taken within a round and the summary gives
+medians. Arms run in fresh processes, interleaved, every other round reversed.
+
+    python bench/time_to_quality.py                                  # the issue's arms, 1 round
+    python bench/time_to_quality.py --arm default --arm muon-wsd --arm "mine=optim=muon,optim.muon_lr=4e-3"
+    python bench/time_to_quality.py --tiny --steps 4 --eval-every 2  # the CI-sized run
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from common import RESULT, ROOT, StepClock, as_overrides, compose, gptlab_run, print_result
+from train_vs_trainer import WAR_AND_PEACE, make_trainer
+
+SHAPE = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.n_positions": 256,
+         "data.block_size": 256, "trainer.micro_batch_size": 8, "trainer.grad_accum": 1,
+         "tokenizer.vocab_size": 8192, "seed": 1337}
+# --tiny: the same work on a 2-layer, 32-wide model, for the CI-sized run.
+TINY = {**SHAPE, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.n_positions": 64,
+        "data.block_size": 64, "trainer.micro_batch_size": 4, "tokenizer.vocab_size": 512,
+        "scheduler.warmup_steps": 1}
+# The Trainer arm's recipe (everything else is a GPT2Config or TrainingArguments default).
+TRAINER = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 30, "weight_decay": 0.1,
+           "max_grad_norm": 1.0}
+# gptlab arms: name -> Hydra overrides on top of today's conf/ defaults.
+ARMS = {
+    "default": [],
+    "adamw-wsd": ["scheduler=wsd"],
+    "adamw-wsd-sqrt": ["scheduler=wsd", "scheduler.decay=sqrt"],
+    "adamw-lr2e-3": ["optim.lr=2e-3"],
+    "adamw-lr3e-3": ["optim.lr=3e-3"],
+    "muon-cosine": ["optim=muon"],
+    "muon-wsd": ["optim=muon", "scheduler=wsd"],
+    "muon-wsd-4e-3": ["optim=muon", "scheduler=wsd", "optim.muon_lr=4e-3"],
+}
+DEFAULT_ARMS = ["default", "adamw-wsd", "muon-cosine", "muon-wsd", "adamw-lr2e-3"]
+
+
+def split_text(text: Path, out_dir: Path) -> tuple:
+    """(train, held-out) files: the first 90% of the bytes up to the last line end, and the rest."""
+    data = text.read_bytes()
+    cut = data.rindex(b"\n", 0, int(len(data) * 0.9)) + 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "train.txt", out_dir / "heldout.txt"
+    for path, part in zip(paths, (data[:cut], data[cut:])):
+        if not path.is_file() or path.read_bytes() != part:  # the token cache is keyed on the files
+            path.write_bytes(part)
+    return paths
+
+
+def shape(args) -> dict:
+    return TINY if args.tiny else SHAPE
+
+
+def data_overrides(args) -> list:
+    train, held = split_text(Path(args.text), Path(args.cache_dir).expanduser() / "time_to_quality" /
+                             Path(args.text).stem)
+    # A line (the novel's paragraph) is one document, as in train_vs_trainer.py.
+    return ["data=text", f"data.files=[{json.dumps(str(train))}]", f"data.valid_files=[{json.dumps(str(held))}]",
+            "data.text_unit=line", *as_overrides(shape(args))]
+
+
+def load_data(args):
+    from gptlab.data.prepare import prepare
+
+    return prepare(compose(data_overrides(args)), Path(args.cache_dir).expanduser(), show_progress=not args.worker)
+
+
+def held_out_loss(model, data, batch_size: int) -> float:
+    """gptlab's own evaluate() on the whole held-out split, for a model trained anywhere."""
+    import torch
+    from gptlab.evaluate import evaluate
+
+    one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0,
+                                  reduce=lambda t, reduction: t)
+    return evaluate(model, data.valid, batch_size, one_process)["eval/loss"]
+
+
+# --- the arms, each in its own process ---
+
+def run_trainer(args) -> dict:
+    from transformers import TrainerCallback
+
+    data, sh = load_data(args), shape(args)
+    clock = StepClock()
+
+    class Clocked(TrainerCallback):
+        def on_train_begin(self, targs, state, control, **kw):
+            clock.stamp(0)
+
+        def on_step_end(self, targs, state, control, **kw):
+            clock.stamp(state.global_step)
+
+    model_kw = {"n_positions": sh["model.n_positions"], "n_embd": sh["model.n_embd"], "n_layer": sh["model.n_layer"],
+                "n_head": sh["model.n_head"]}
+    trainer_kw = {**TRAINER, "warmup_steps": min(TRAINER["warmup_steps"], sh.get("scheduler.warmup_steps", 30))}
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(data, sh["data.block_size"], args.steps, out, model_kw, dict(
+            per_device_train_batch_size=sh["trainer.micro_batch_size"], logging_steps=args.eval_every,
+            seed=sh["seed"], **trainer_kw), [Clocked()])
+        trainer.train()
+    (w0, c0), (w1, c1) = clock.marks[0], clock.marks[args.steps]
+    tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * args.steps
+    return {"train_s": w1 - w0, "train_cpu_s": c1 - c0, "tokens_per_s": tokens / (w1 - w0),
+            "final_loss": held_out_loss(trainer.model, data, sh["trainer.micro_batch_size"])}
+
+
+def run_gptlab_arm(args, overrides: list) -> dict:
+    """Held-out loss every eval_every steps, against training time with evaluation left out."""
+    marks = []  # (step, what, wall, cpu)
+
+    def on_log(metrics, step):
+        what = "start" if metrics is None else "eval" if "eval/loss" in metrics else "train"
+        marks.append((step, what, time.perf_counter(), time.process_time(), (metrics or {}).get("eval/loss")))
+
+    sh = shape(args)
+    threads = [f"trainer.cpu_threads={args.threads}"] if args.threads else []
+    gptlab_run(load_data(args), [*data_overrides(args), *threads, *overrides, f"trainer.max_steps={args.steps}",
+                                 f"trainer.eval_every={args.eval_every}", f"trainer.log_every={args.eval_every}",
+                                 "trainer.save_every=0", "trainer.sample_prompts=[]"], on_log)
+    # Training time runs from the start (or the end of an evaluation) to the next train log,
+    # which the loop writes right before it evaluates at the same step.
+    curve, wall, cpu, since = [], 0.0, 0.0, marks[0]
+    for mark in marks[1:]:
+        if mark[1] == "train":
+            wall, cpu = wall + mark[2] - since[2], cpu + mark[3] - since[3]
+        elif mark[1] == "eval":
+            curve.append({"step": mark[0], "train_s": wall, "train_cpu_s": cpu, "eval_loss": mark[4]})
+            since = mark
+    tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * args.steps
+    return {"curve": curve, "train_s": wall, "train_cpu_s": cpu, "tokens_per_s": tokens / wall,
+            "final_loss": curve[-1]["eval_loss"]}
+
+
+def worker(args) -> None:
+    name = args.worker
+    print_result(run_trainer(args) if name == "trainer" else run_gptlab_arm(args, arm_overrides(name)))
+
+
+def arm_overrides(arm: str) -> list:
+    name, _, extra = arm.partition("=")
+    return ARMS[name] if not extra else [e for e in extra.split(",") if e]
+
+
+# --- the driver ---
+
+def spawn(arm: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--cache-dir", str(args.cache_dir),
+           "--steps", str(args.steps), "--eval-every", str(args.eval_every), *(["--tiny"] if args.tiny else []),
+           *(["--threads", str(args.threads)] if args.threads else [])]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode or not lines:
+        sys.exit(f"arm {arm} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def time_to(target: float, run: dict) -> dict:
+    """The first evaluation at or below `target`: its step and training seconds (None if never)."""
+    hit = next((p for p in run["curve"] if p["eval_loss"] <= target), None)
+    return hit or {"step": None, "train_s": None, "train_cpu_s": None}
+
+
+def load() -> str:
+    return os.getloadavg().__repr__() if hasattr(os, "getloadavg") else "n/a"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arm", action="append", help=f"a gptlab arm: one of {', '.join(ARMS)}, or NAME=override,... "
+                   f"(default: {' '.join(DEFAULT_ARMS)}); the Trainer arm always runs")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--text", default=str(WAR_AND_PEACE))
+    p.add_argument("--cache-dir", default="~/.cache/gptlab")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide model (the CI-sized run)")
+    p.add_argument("--threads", type=int, help="torch threads for every arm (default: torch's, gptlab's choice); "
+                   "1 is steadier on a machine shared with other jobs")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.steps % args.eval_every:
+        p.error("--steps must be a multiple of --eval-every")
+    if args.worker:
+        return worker(args)
+    if not Path(args.text).is_file():
+        sys.exit(f"{args.text} not found: the bench needs the shared War and Peace text (--text)")
+    arms = ["trainer", *(args.arm or DEFAULT_ARMS)]
+    for arm in arms[1:]:
+        if arm.partition("=")[0] not in ARMS and "=" not in arm:
+            p.error(f"--arm {arm}: not one of {', '.join(ARMS)} and not NAME=override,...")
+    load_data(args)  # the tokenizer and token cache, once; the arms find them cached
+    print(f"{len(arms)} arms x {args.repeats} rounds, {args.steps} steps, held-out eval every {args.eval_every}, "
+          f"threads {args.threads or 'default'}; "
+          f"load average {load()}", flush=True)
+    results = {arm: [] for arm in arms}
+    for r in range(args.repeats):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            res = spawn(arm, args)
+            results[arm].append(res)
+            print(f"  round {r + 1} {arm:28s} {res['train_s']:7.1f} s training ({res['train_cpu_s']:7.1f} CPU-s) "
+                  f"{res['tokens_per_s']:6.0f} tok/s  held-out loss {res['final_loss']:.4f}  load {load()}",
+                  flush=True)
+
+    # L* and the Trainer's seconds per round; each arm's ratio within its round.
+    targets = [t["final_loss"] for t in results["trainer"]]
+    target = statistics.median(targets)
+    summary = {"target_loss": target, "steps": args.steps, "eval_every": args.eval_every, "arms": {}}
+    print(f"\nL* = {target:.4f} (the Trainer's held-out loss after {args.steps} steps; "
+          f"{statistics.median(t['train_s'] for t in results['trainer']):.1f} s training); medians over "
+          f"{args.repeats} round(s):")
+    for arm in arms:
+        rows, row = results[arm], {}
+        row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rows)
+        row["final_loss"] = statistics.median(r["final_loss"] for r in rows)
+        if arm != "trainer":
+            hits = [time_to(L, r) for L, r in zip(targets, rows)]
+            reached = [(h, t) for h, t in zip(hits, results["trainer"]) if h["step"] is not None]
+            row["reached"] = f"{len(reached)}/{len(rows)}"
+            if reached:
+                row["step"] = statistics.median(h["step"] for h, _ in reached)
+                row["train_s_to_target"] = statistics.median(h["train_s"] for h, _ in reached)
+                row["ratio"] = statistics.median(h["train_s"] / t["train_s"] for h, t in reached)
+                row["cpu_ratio"] = statistics.median(h["train_cpu_s"] / t["train_cpu_s"] for h, t in reached)
+        row["runs"] = rows
+        summary["arms"][arm] = row
+        at = (f"L* at step {row['step']:.0f} after {row['train_s_to_target']:6.1f} s: {row['ratio']:.2f}x the "
+              f"Trainer ({row['cpu_ratio']:.2f}x in CPU-s)" if "ratio" in row else
+              "trainer (the target)" if arm == "trainer" else "never reached L*")
+        print(f"  {arm:28s} {row['tokens_per_s']:6.0f} tok/s  final held-out {row['final_loss']:.4f}  {at}")
+    print(f"load average at the end {load()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

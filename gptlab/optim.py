@@ -66,9 +66,12 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, muon: torch.optim.Muon | None, adamw: torch.optim.AdamW):
         self.inner = [o for o in (muon, adamw) if o is not None]
         super().__init__([p for o in self.inner for g in o.param_groups for p in g["params"]], {})
+        self._link()
+
+    def _link(self) -> None:
+        # The inner optimizers' own objects, which their load_state_dict replaces.
         self.param_groups = [g for o in self.inner for g in o.param_groups]
-        # Read-only view for code that inspects state; the inner optimizers own it.
-        self.state = ChainMap(*(o.state for o in self.inner))
+        self.state = ChainMap(*(o.state for o in self.inner))  # a view; the inner optimizers own it
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -82,6 +85,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         for o, sd in zip(self.inner, state_dict["inner"], strict=True):
             o.load_state_dict(sd)
+        self._link()
 
 
 def build_muon(model: nn.Module, cfg) -> MuonAdamW:

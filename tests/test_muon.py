@@ -1,0 +1,204 @@
+"""optim=muon: which parameters Muon takes, each group's LR and weight decay, exact resume,
+and 2 processes equal to 1 with the same global batch."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose, read_metrics, run_training, series
+from fault_harness import install
+
+MUON = {"name": "muon", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "muon_lr": 4e-3,
+        "muon_weight_decay": 0.05, "momentum": 0.95, "ns_steps": 5}
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+
+
+def _split_names(model):
+    from gptlab.optim import muon_split
+
+    muon, adamw = muon_split(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return sorted(names[i] for i in muon), sorted(names[i] for i in adamw)
+
+
+def test_gpt2_block_matrices_go_to_muon_the_rest_to_adamw():
+    muon, adamw = _split_names(_gpt2())
+    assert muon == [f"transformer.h.{i}.{m}.weight" for i in range(2)
+                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    # The token embedding (tied to lm_head), the positions, norms and every bias.
+    assert adamw == sorted(["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                            "transformer.ln_f.bias"] + [f"transformer.h.{i}.{m}" for i in range(2) for m in (
+                                "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias",
+                                "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")])
+
+
+def test_llama_gets_the_same_split_by_module_type():
+    muon, adamw = _split_names(_llama())
+    assert muon == sorted(f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"))
+    # Llama's untied output head stays on AdamW, as do its RMSNorms and the embedding.
+    assert adamw == sorted(["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] +
+                           [f"model.layers.{i}.{n}.weight" for i in range(2)
+                            for n in ("input_layernorm", "post_attention_layernorm")])
+
+
+def test_each_group_has_its_own_base_lr_and_weight_decay_under_one_multiplier():
+    from gptlab.optim import build_optimizer, lr_at, set_lr
+
+    model = _llama()
+    opt = build_optimizer(model, OmegaConf.create(MUON))
+    muon, decayed, plain = opt.param_groups  # Muon; AdamW's decayed lm_head; AdamW's rest
+    assert (muon["weight_decay"], decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.1, 0.0)
+    assert [p is model.lm_head.weight for p in decayed["params"]] == [True]
+    assert isinstance(opt.inner[0], torch.optim.Muon) and muon["adjust_lr_fn"] == "match_rms_adamw"
+    for step, adamw_lr in ((5, 5e-4), (10, 1e-3), (80, 1e-3), (90, 5.5e-4), (100, 1e-4)):
+        lr = lr_at(step, 1e-3, 100, 10, 1e-4, "wsd", 0.2, "linear")
+        assert lr == pytest.approx(adamw_lr)
+        set_lr(opt, lr)
+        assert decayed["lr"] == plain["lr"] == lr
+        assert muon["lr"] == pytest.approx(4 * lr)
+
+
+def test_muon_steps_and_its_state_round_trips():
+    from gptlab.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = _gpt2()
+    opt = build_optimizer(model, OmegaConf.create(MUON))
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    x = torch.randint(0, 64, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    rms = (model.transformer.h[0].mlp.c_fc.weight.detach() - before).pow(2).mean().sqrt().item()
+    # match_rms_adamw: Newton-Schulz leaves singular values near 1 (roughly 0.5-1.5), so the
+    # update's RMS is about 0.2 * muon_lr, whichever way round Conv1D stores the (32, 128) matrix.
+    assert 0.5 * 0.2 * 4e-3 < rms < 1.5 * 0.2 * 4e-3
+    state = opt.state_dict()
+    fresh = build_optimizer(model, OmegaConf.create(MUON))
+    fresh.load_state_dict(state)
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert torch.equal(fresh.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+    # The loaded groups are the ones the loop's LR reaches.
+    assert fresh.param_groups[0] is fresh.inner[0].param_groups[0]
+
+
+def test_muon_config_errors_before_step_1():
+    from gptlab.validate import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="optim.muon_lr=0.0 must be a positive number"):
+        check_config(compose(["optim=muon", "optim.muon_lr=0"]))
+    with pytest.raises(ConfigError, match="optim.momentum=1.0 must be in"):
+        check_config(compose(["optim=muon", "optim.momentum=1.0"]))
+    cfg = compose(["optim=muon"])
+    cfg.trainer.parallel = "fsdp"  # what the FSDP2 work selects a sharded run with
+    with pytest.raises(ConfigError, match="optim=muon does not support trainer.parallel=fsdp"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match="scheduler.decay_fraction=0.0 must be in"):
+        check_config(compose(["scheduler=wsd", "scheduler.decay_fraction=0"]))
+    with pytest.raises(ConfigError, match="scheduler.decay='cubic'"):
+        check_config(compose(["scheduler=wsd", "scheduler.decay=cubic"]))
+
+
+# --- real runs: exact resume, and 2 processes ---
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def base(cache_dir, tiny_corpus):
+    return [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
+            "tokenizer.vocab_size=384", "trainer.micro_batch_size=10", "trainer.grad_accum=2",
+            f"trainer.max_steps={STEPS}", "trainer.eval_every=3", "trainer.save_every=3", "optim=muon",
+            "optim.muon_lr=4e-3", "scheduler=wsd", "scheduler.warmup_steps=2", "scheduler.decay_fraction=0.5"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, base, one_thread):
+    """An uninterrupted run, recording each group's LR as each optimizer step is taken."""
+    import gptlab.run
+
+    lrs, real = [], gptlab.run.build_optimizer
+
+    def build_optimizer(model, cfg):
+        opt = real(model, cfg)
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append([g["lr"] for g in o.param_groups]))
+        return opt
+
+    run_dir = tmp_path_factory.mktemp("muon_ref")
+    gptlab.run.build_optimizer = build_optimizer
+    try:
+        run_training([f"run_dir={run_dir}", *base])
+    finally:
+        gptlab.run.build_optimizer = real
+    return run_dir, lrs
+
+
+def test_groups_follow_the_schedule_in_a_run(reference):
+    _, lrs = reference
+    # wsd over 6 steps: warmup to step 2, hold to step 3, linear decay to min_lr 1e-4 at step 6.
+    adamw = [5e-4, 1e-3, 1e-3, 7e-4, 4e-4, 1e-4]
+    assert [len(g) for g in lrs] == [2] * STEPS  # Muon's group, AdamW's undecayed group (GPT-2 ties its head)
+    for got, want in zip(lrs, adamw):
+        assert got[1] == pytest.approx(want) and got[0] == pytest.approx(4 * want)
+
+
+def test_resume_with_muon_is_exact(tmp_path, base, reference, one_thread):
+    from safetensors.torch import load_file
+
+    undo = install("sigterm_in_step:4")
+    try:
+        assert run_training([f"run_dir={tmp_path}", *base])["stopped"] == "SIGTERM"
+    finally:
+        undo()
+    run_training([f"run_dir={tmp_path}", *base, "resume=auto"])
+    ref_dir, _ = reference
+    ours, ref = read_metrics(tmp_path), read_metrics(ref_dir)
+    for key in ("train/loss", "train/lr", "eval/loss"):
+        assert series(ours, key) == series(ref, key), key  # exact float equality
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path, ref_dir))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_muon_equal_one_with_accumulation(tmp_path, base, reference):
+    """2 processes x accum 1 against the 1-process reference's accum 2: the same global batch."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(ROOT / "train.py"), f"run_dir={tmp_path}", *base,
+           "trainer.grad_accum=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es)" in (tmp_path / "train.log").read_text()
+    ref_dir, _ = reference
+    got, want = series(read_metrics(tmp_path), "train/loss"), series(read_metrics(ref_dir), "train/loss")
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    for (step, a), (_, b) in zip(got, want):
+        assert abs(a - b) <= 1e-5, f"step {step}: train/loss {a} vs {b}"
+    from safetensors.torch import load_file
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path, ref_dir))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)

@@ -191,7 +191,7 @@ def load() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arm", action="append", help=f"a gptlab arm: one of {', '.join(ARMS)}, or NAME=override,... "
-                   f"(default: {' '.join(DEFAULT_ARMS)}); the Trainer arm always runs")
+                   f"(default: {' '.join(DEFAULT_ARMS)}); `trainer` runs first unless given or --no-trainer")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
@@ -201,6 +201,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads for every arm (default: torch's, gptlab's choice); "
                    "1 is steadier on a machine shared with other jobs")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--no-trainer", action="store_true", help="only the gptlab arms (combine with --summarize)")
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="no runs: one table from the runs in these "
+                   "--json files, the Trainer's among them (with their --steps and --eval-every)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps % args.eval_every:
@@ -209,9 +212,14 @@ def main() -> None:
         return worker(args)
     if not Path(args.text).is_file():
         sys.exit(f"{args.text} not found: the bench needs the shared War and Peace text (--text)")
-    arms = ["trainer", *(args.arm or DEFAULT_ARMS)]
-    for arm in arms[1:]:
-        if arm.partition("=")[0] not in ARMS and "=" not in arm:
+    if args.summarize:
+        results = merge(args.summarize)
+        return summarize(results, args.steps, args.eval_every, args.json)
+    arms = args.arm or DEFAULT_ARMS
+    if not args.no_trainer and "trainer" not in arms:
+        arms = ["trainer", *arms]
+    for arm in arms:
+        if arm != "trainer" and arm.partition("=")[0] not in ARMS and "=" not in arm:
             p.error(f"--arm {arm}: not one of {', '.join(ARMS)} and not NAME=override,...")
     load_data(args)  # the tokenizer and token cache, once; the arms find them cached
     print(f"{len(arms)} arms x {args.repeats} rounds, {args.steps} steps, held-out eval every {args.eval_every}, "
@@ -222,17 +230,28 @@ def main() -> None:
         for arm in arms if r % 2 == 0 else arms[::-1]:
             res = spawn(arm, args)
             results[arm].append(res)
+            if args.json:  # after every arm: a long bench loses nothing to a crash or a kill
+                Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
             print(f"  round {r + 1} {arm:28s} {res['train_s']:7.1f} s training ({res['train_cpu_s']:7.1f} CPU-s) "
                   f"{res['tokens_per_s']:6.0f} tok/s  held-out loss {res['final_loss']:.4f}  load {load()}",
                   flush=True)
 
-    # L* and the Trainer's seconds per round; each arm's ratio within its round.
+    if "trainer" in results:
+        summarize(results, args.steps, args.eval_every, args.json)
+    print(f"load average at the end {load()}")
+
+
+def summarize(results: dict, steps: int, eval_every: int, json_path=None) -> None:
+    """L* and the Trainer's seconds per round; each arm's ratio within its round (its i-th run
+    against the Trainer's i-th)."""
+    arms = list(results)
+    repeats = len(results["trainer"])
     targets = [t["final_loss"] for t in results["trainer"]]
     target = statistics.median(targets)
-    summary = {"target_loss": target, "steps": args.steps, "eval_every": args.eval_every, "arms": {}}
-    print(f"\nL* = {target:.4f} (the Trainer's held-out loss after {args.steps} steps; "
+    summary = {"target_loss": target, "steps": steps, "eval_every": eval_every, "arms": {}, "results": results}
+    print(f"\nL* = {target:.4f} (the Trainer's held-out loss after {steps} steps; "
           f"{statistics.median(t['train_s'] for t in results['trainer']):.1f} s training); medians over "
-          f"{args.repeats} round(s):")
+          f"{repeats} round(s):")
     for arm in arms:
         rows, row = results[arm], {}
         row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rows)
@@ -246,15 +265,24 @@ def main() -> None:
                 row["train_s_to_target"] = statistics.median(h["train_s"] for h, _ in reached)
                 row["ratio"] = statistics.median(h["train_s"] / t["train_s"] for h, t in reached)
                 row["cpu_ratio"] = statistics.median(h["train_cpu_s"] / t["train_cpu_s"] for h, t in reached)
-        row["runs"] = rows
         summary["arms"][arm] = row
         at = (f"L* at step {row['step']:.0f} after {row['train_s_to_target']:6.1f} s: {row['ratio']:.2f}x the "
               f"Trainer ({row['cpu_ratio']:.2f}x in CPU-s)" if "ratio" in row else
               "trainer (the target)" if arm == "trainer" else "never reached L*")
         print(f"  {arm:28s} {row['tokens_per_s']:6.0f} tok/s  final held-out {row['final_loss']:.4f}  {at}")
-    print(f"load average at the end {load()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=2))
+
+
+def merge(paths: list) -> dict:
+    """The runs of several --json files (say, arms run at the same time with --no-trainer) in one table."""
+    results = {}
+    for path in paths:
+        for arm, runs in json.loads(Path(path).read_text())["results"].items():
+            results.setdefault(arm, []).extend(runs)
+    if "trainer" not in results:
+        sys.exit("--summarize: none of the files has a trainer arm")
+    return results
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def muon_split(model: nn.Module) -> tuple[set, set]:
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if head is not None:
         decay.discard(id(head.weight))
-    muon = {i for i in decay if i in {id(p) for p in model.parameters() if p.ndim == 2}}
+    muon = decay & {id(p) for p in model.parameters() if p.ndim == 2}
     return muon, {id(p) for p in model.parameters()} - muon
 
 

@@ -297,3 +297,24 @@ def test_startup_bench_runs(tmp_path, cache_dir):
     med = json.loads(out.read_text())["median_s"]["python"]
     assert 0 < med["imports, Hydra, Accelerator"] < med["first optimizer step"]
     assert med["CPU time to step 1"] > 0
+
+
+@pytest.mark.slow
+@requires_shared
+def test_time_to_quality_bench_runs(tmp_path):
+    out, text = tmp_path / "ttq.json", tmp_path / "war_and_peace_start.txt"
+    text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    stdout = run_bench(ROOT / "bench" / "time_to_quality.py", "--tiny", "--steps", 4, "--eval-every", 2,
+                       "--arm", "default", "--arm", "muon-wsd", "--threads", 1, "--cache-dir", tmp_path,
+                       "--text", text, "--json", out)
+    summary = json.loads(out.read_text())
+    assert summary["target_loss"] > 0 and "L* = " in stdout
+    for arm in ("trainer", "default", "muon-wsd"):
+        row, runs = summary["arms"][arm], summary["results"][arm]
+        assert row["tokens_per_s"] > 0 and row["final_loss"] > 0, arm
+        assert runs[0]["train_s"] > 0 and runs[0]["train_cpu_s"] > 0, arm
+    for arm in ("default", "muon-wsd"):
+        curve = summary["results"][arm][0]["curve"]
+        assert [p["step"] for p in curve] == [2, 4]
+        assert 0 < curve[0]["train_s"] < curve[1]["train_s"]
+        assert all(p["eval_loss"] > 0 for p in curve)

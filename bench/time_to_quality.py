@@ -39,8 +39,7 @@ SHAPE = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.n_po
          "tokenizer.vocab_size": 8192, "seed": 1337}
 # --tiny: the same work on a 2-layer, 32-wide model, for the CI-sized run.
 TINY = {**SHAPE, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.n_positions": 64,
-        "data.block_size": 64, "trainer.micro_batch_size": 4, "tokenizer.vocab_size": 512,
-        "scheduler.warmup_steps": 1}
+        "data.block_size": 64, "trainer.micro_batch_size": 4, "tokenizer.vocab_size": 512}
 # The Trainer arm's recipe (everything else is a GPT2Config or TrainingArguments default).
 TRAINER = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 30, "weight_decay": 0.1,
            "max_grad_norm": 1.0}
@@ -54,6 +53,7 @@ ARMS = {
     "muon-cosine": ["optim=muon"],
     "muon-wsd": ["optim=muon", "scheduler=wsd"],
     "muon-wsd-4e-3": ["optim=muon", "scheduler=wsd", "optim.muon_lr=4e-3"],
+    "muon-wsd-8e-3": ["optim=muon", "scheduler=wsd", "optim.muon_lr=8e-3"],
 }
 DEFAULT_ARMS = ["default", "adamw-wsd", "muon-cosine", "muon-wsd", "adamw-lr2e-3"]
 
@@ -115,11 +115,10 @@ def run_trainer(args) -> dict:
 
     model_kw = {"n_positions": sh["model.n_positions"], "n_embd": sh["model.n_embd"], "n_layer": sh["model.n_layer"],
                 "n_head": sh["model.n_head"]}
-    trainer_kw = {**TRAINER, "warmup_steps": min(TRAINER["warmup_steps"], sh.get("scheduler.warmup_steps", 30))}
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(data, sh["data.block_size"], args.steps, out, model_kw, dict(
             per_device_train_batch_size=sh["trainer.micro_batch_size"], logging_steps=args.eval_every,
-            seed=sh["seed"], **trainer_kw), [Clocked()])
+            seed=sh["seed"], **TRAINER), [Clocked()])
         trainer.train()
     (w0, c0), (w1, c1) = clock.marks[0], clock.marks[args.steps]
     tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * args.steps
@@ -197,7 +196,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--text", default=str(WAR_AND_PEACE))
     p.add_argument("--cache-dir", default="~/.cache/gptlab")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide model (the CI-sized run)")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide model, block 64, batch 4, vocab 512 "
+                   "(the CI-sized run; a cheap full run on a loaded machine)")
     p.add_argument("--threads", type=int, help="torch threads for every arm (default: torch's, gptlab's choice); "
                    "1 is steadier on a machine shared with other jobs")
     p.add_argument("--json", help="also write the results here")

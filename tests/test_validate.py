@@ -34,7 +34,7 @@ CONFIG_TABLE = [
     ("trainer.spike_window=1", r"^trainer\.spike_window=1 must be at least 2$"),
     ("scheduler.min_lr=0.01", r"^scheduler\.min_lr=0\.01 is greater than optim\.lr=0\.001$"),
     ("scheduler.warmup_steps=-1", r"^scheduler\.warmup_steps=-1 must be >= 0$"),
-    ("scheduler.name=step", r"scheduler\.name='step': choose cosine, linear or constant"),
+    ("scheduler.name=step", r"scheduler\.name='step': choose cosine, linear, wsd or constant"),
     ("optim.name=sgdx", r"optim\.name='sgdx'"),
     ("optim.lr=0", r"^optim\.lr=0\.0 must be a positive number$"),
     ("optim.lr=nan", r"^optim\.lr=nan must be a positive number$"),

@@ -279,7 +279,8 @@ def merge(paths: list) -> dict:
     results = {}
     for path in paths:
         for arm, runs in json.loads(Path(path).read_text())["results"].items():
-            results.setdefault(arm, []).extend(runs)
+            if runs:  # an arm a stopped bench never finished has none
+                results.setdefault(arm, []).extend(runs)
     if "trainer" not in results:
         sys.exit("--summarize: none of the files has a trainer arm")
     return results

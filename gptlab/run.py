@@ -12,6 +12,7 @@ from .data.blocks import TrainOrder
 from .data.prepare import prepare
 from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
 from .generate import log_samples
+from .hub import pin_hub_ids
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
@@ -35,6 +36,12 @@ def _save_config(cfg, run_dir: Path) -> None:
     (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
 
 
+def _saved_config(run_dir: Path, resume):
+    """The config an earlier launch of this run saved, when this launch resumes it."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    return OmegaConf.load(path) if resume and path.is_file() else None
+
+
 def resolve_max_steps(tc, order: TrainOrder) -> int:
     if tc.epochs is None:
         return tc.max_steps
@@ -51,6 +58,9 @@ def run(cfg) -> dict:
     setup_logging(run_dir, main)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
         cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
+        cfg.tokenizer.revision = cfg.model.revision
+    # Before the config is saved: the run dir and every checkpoint store the pinned commits.
+    pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), previous=_saved_config(run_dir, cfg.resume))
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s%s", run_dir,

@@ -1,0 +1,147 @@
+"""Hub ids for models, tokenizers and datasets, resolved the Hugging Face way.
+
+A value such as `model.pretrained_path` is a local directory or a Hub id (`org/name`).
+An id goes through `huggingface_hub.snapshot_download`, so through the HF cache
+(`HF_HOME`, `HF_HUB_CACHE`) and `HF_HUB_OFFLINE`, exactly as `from_pretrained` and
+`load_dataset` would; what is cached is not downloaded again. The result is a local
+snapshot directory and its commit hash. A run pins every id to that commit before step
+1 (see `pin_hub_ids`), and the pinned config is what the run directory and every
+checkpoint store, so a resume or an evaluate reads the same files.
+"""
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from .validate import MissingPathError
+
+log = logging.getLogger(__name__)
+
+# org/name, or a bare canonical name such as gpt2; the Hub's own rules, a little looser.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Weights for other frameworks that torch never reads: not worth downloading.
+NOT_TORCH = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "onnx/*", "*.tflite", "*.gguf", "coreml/*",
+             "flax_model*", "tf_model*", "rust_model*", "*.mlmodel"]
+
+
+class HubError(MissingPathError):
+    """A Hub id that cannot be resolved: not reachable and not cached, unknown, or gated."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path  # a local directory: the user's own, or a snapshot in the HF cache
+    repo_id: Optional[str] = None  # None for a local directory
+    commit: Optional[str] = None
+
+
+def is_hub_id(value) -> bool:
+    """A value that names no local path but has the shape of a Hub id."""
+    return bool(value) and not Path(str(value)).expanduser().exists() and bool(HUB_ID.match(str(value)))
+
+
+def hub_cache() -> Path:
+    """The HF hub cache as the environment names it now.
+
+    huggingface_hub reads HF_HOME and HF_HUB_CACHE once, at import; reading them per call
+    (and passing cache_dir) gives the same answer for a launched run and lets a test point
+    a process at a temporary cache.
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: str = "model") -> Snapshot:
+    """A local directory as it is, or the cached (else downloaded) snapshot of a Hub id."""
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        return Snapshot(path.absolute())
+    if not HUB_ID.match(str(value)):
+        raise MissingPathError(f"{key}={value}: no such directory (and not a Hub id such as org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    cache = hub_cache()
+    at = f"@{revision}" if revision else ""
+    try:
+        folder = Path(snapshot_download(value, repo_type=repo_type, revision=revision, cache_dir=str(cache),
+                                        ignore_patterns=NOT_TORCH if repo_type == "model" else None))
+    except LocalEntryNotFoundError:
+        how = "HF_HUB_OFFLINE=1" if offline() else "no network"
+        fetch = f"hf download {value}" + (f" --revision {revision}" if revision else "") + (
+            f" --repo-type {repo_type}" if repo_type != "model" else "")
+        raise HubError(f"{key}={value}{at}: the Hugging Face Hub is not reachable ({how}) and the id is not in "
+                       f"the local cache {cache}; on a machine with a network run `{fetch}` (with HF_HOME set "
+                       f"as here), or pass a local directory") from None
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise HubError(f"{key}={value}{at}: {type(e).__name__} on the Hugging Face Hub (a typo, a private or "
+                       f"gated {repo_type}: `hf auth login`); or pass a local directory") from None
+    return Snapshot(folder, str(value), folder.name)
+
+
+# ------------------------------------------------------------------ pinning a run's ids
+
+# (the value's key, its revision's key, the repo type)
+REFS = (("model.pretrained_path", "model.revision", "model"),
+        ("tokenizer.path", "tokenizer.revision", "model"),
+        ("data.builder", "data.revision", "dataset"),
+        ("data.valid_builder", "data.valid_revision", "dataset"))
+
+
+def hub_refs(cfg) -> List[Tuple[str, str, str]]:
+    """The REFS whose value is a Hub id the run reads (the data's only with data=hf)."""
+    from omegaconf import OmegaConf
+
+    from .data.sources import HfSource
+
+    hf = cfg.data.source == "hf" and cfg.data.builder not in HfSource.BUILDERS
+    return [ref for ref in REFS if is_hub_id(OmegaConf.select(cfg, ref[0], default=None))
+            and (hf or not ref[0].startswith("data."))]
+
+
+def pin_hub_ids(cfg, accelerator, cache_root: Path, previous=None) -> None:
+    """Resolve every Hub id in `cfg` and set its revision to the snapshot's commit.
+
+    The local main process of each machine downloads what is missing (with the Hub's
+    progress bars); the others wait for it by polling, as for the token cache, so a long
+    download cannot hit the process group's timeout. `previous` is the config an earlier
+    launch of this run saved: an id it pinned keeps that commit, so a resume reads the
+    same files even if the branch moved since.
+    """
+    from omegaconf import OmegaConf
+
+    from .data.cache import build_once, read_meta
+
+    refs = hub_refs(cfg)
+    if not refs:
+        return
+    for key, rev_key, _ in refs:
+        same = previous is not None and OmegaConf.select(previous, key, default=None) == OmegaConf.select(cfg, key)
+        if same and OmegaConf.select(cfg, rev_key) is None:
+            OmegaConf.update(cfg, rev_key, OmegaConf.select(previous, rev_key, default=None))
+    launch = [f"{time.time_ns()}"]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(launch)
+
+    def fetch(tmp: Path) -> dict:
+        return {key: resolve(OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key), key=key,
+                             repo_type=kind).commit for key, rev_key, kind in refs}
+
+    marker = build_once(Path(cache_root) / "hub" / f"{launch[0]}-{socket.gethostname()}", fetch,
+                        accelerator.is_local_main_process)
+    commits = read_meta(marker)
+    for key, rev_key, _ in refs:
+        OmegaConf.update(cfg, rev_key, commits[key])
+        log.info("%s=%s: snapshot %s (from %s)", key, OmegaConf.select(cfg, key), commits[key], hub_cache())

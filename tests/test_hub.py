@@ -149,3 +149,24 @@ def test_a_dataset_is_keyed_by_its_commit_and_a_local_repo_dir_loads(tmp_path, h
                    "data.block_size=32"])
     data = prepare(cfg, tmp_path / "cache")
     assert data.info["split"]["train"]["documents"] == 40 and data.info["split"]["n_valid"] == 10
+
+
+def test_a_resumed_run_keeps_the_commit_it_started_with(tmp_path, hub):
+    from types import SimpleNamespace
+
+    from gptlab.hub import pin_hub_ids
+
+    tiny = {p.name: p.read_bytes() for p in sorted(TINY_GPT2.iterdir()) if p.suffix == ".json"}
+    first = cache_repo(hub, "org/m", tiny)
+    second = cache_repo(hub, "org/m", {**tiny, "extra.json": b"{}"})  # main moved on
+    one = SimpleNamespace(num_processes=1, is_local_main_process=True)
+
+    def pinned(previous):
+        cfg = compose(["model.pretrained_path=org/m"])
+        pin_hub_ids(cfg, one, tmp_path / "cache", previous)
+        return cfg.model.revision
+
+    started = compose(["model.pretrained_path=org/m", f"model.revision={first}"])
+    assert pinned(None) == second
+    assert pinned(started) == first
+    assert pinned(compose(["model.pretrained_path=org/other", f"model.revision={first}"])) == second

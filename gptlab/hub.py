@@ -11,6 +11,7 @@ checkpoint store, so a resume or an evaluate reads the same files.
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ log = logging.getLogger(__name__)
 
 # org/name, or a bare canonical name such as gpt2; the Hub's own rules, a little looser.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Weights for other frameworks that torch never reads: not worth downloading.
 NOT_TORCH = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "onnx/*", "*.tflite", "*.gguf", "coreml/*",
              "flax_model*", "tf_model*", "rust_model*", "*.mlmodel"]
+SAFETENSORS_ONLY = ["pytorch_model*.bin"]
+STALE_MARKER_S = 24 * 3600
 
 
 class HubError(MissingPathError):
@@ -69,18 +73,29 @@ def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: 
     if not HUB_ID.match(str(value)):
         raise MissingPathError(f"{key}={value}: no such directory (and not a Hub id such as org/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.file_download import repo_folder_name
 
     cache = hub_cache()
     at = f"@{revision}" if revision else ""
+    # A pinned commit already in the cache needs no Hub call at all (every rank after the pin).
+    folder = cache / repo_folder_name(repo_id=value, repo_type=repo_type)
+    cached = bool(revision and COMMIT.match(revision) and (folder / "snapshots" / revision).is_dir())
+    skip = None
+    if repo_type == "model":
+        # From the cache, the completeness check must not ask for the .bin copies a download skipped.
+        skip = NOT_TORCH + SAFETENSORS_ONLY if cached or offline() else _skip_weights(value, revision, cache)
+    fetch = f"hf download {value}" + (f" --revision {revision}" if revision else "") + (
+        f" --repo-type {repo_type}" if repo_type != "model" else "")
     try:
         folder = Path(snapshot_download(value, repo_type=repo_type, revision=revision, cache_dir=str(cache),
-                                        ignore_patterns=NOT_TORCH if repo_type == "model" else None))
+                                        ignore_patterns=skip, local_files_only=cached))
+    except IncompleteSnapshotError as e:
+        raise HubError(f"{key}={value}{at}: the snapshot in {e.snapshot_path} is incomplete (an interrupted "
+                       f"download?); on a machine with a network run `{fetch}`") from None
     except LocalEntryNotFoundError:
         how = "HF_HUB_OFFLINE=1" if offline() else "no network"
-        fetch = f"hf download {value}" + (f" --revision {revision}" if revision else "") + (
-            f" --repo-type {repo_type}" if repo_type != "model" else "")
         raise HubError(f"{key}={value}{at}: the Hugging Face Hub is not reachable ({how}) and the id is not in "
                        f"the local cache {cache}; on a machine with a network run `{fetch}` (with HF_HOME set "
                        f"as here), or pass a local directory") from None
@@ -88,6 +103,19 @@ def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: 
         raise HubError(f"{key}={value}{at}: {type(e).__name__} on the Hugging Face Hub (a typo, a private or "
                        f"gated {repo_type}: `hf auth login`); or pass a local directory") from None
     return Snapshot(folder, str(value), folder.name)
+
+
+def _skip_weights(repo_id: str, revision: Optional[str], cache: Path) -> List[str]:
+    """What not to download: other frameworks' weights, and the .bin copies when there are safetensors
+    (from_pretrained reads the safetensors; many repos hold both, doubling the download)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        files = [f.filename for f in snapshot_download(repo_id, revision=revision, cache_dir=str(cache),
+                                                       ignore_patterns=NOT_TORCH, dry_run=True)]
+    except Exception:  # noqa: BLE001  (the download itself reports what is wrong)
+        return NOT_TORCH
+    return NOT_TORCH + (SAFETENSORS_ONLY if any(f.endswith(".safetensors") for f in files) else [])
 
 
 # ------------------------------------------------------------------ pinning a run's ids
@@ -136,6 +164,7 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, previous=None) -> None:
         broadcast_object_list(launch)
 
     def fetch(tmp: Path) -> dict:
+        _remove_stale_markers(tmp.parent)
         return {key: resolve(OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key), key=key,
                              repo_type=kind).commit for key, rev_key, kind in refs}
 
@@ -145,3 +174,13 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, previous=None) -> None:
     for key, rev_key, _ in refs:
         OmegaConf.update(cfg, rev_key, commits[key])
         log.info("%s=%s: snapshot %s (from %s)", key, OmegaConf.select(cfg, key), commits[key], hub_cache())
+
+
+def _remove_stale_markers(root: Path) -> None:
+    # A launch's marker is read within moments of being written; a day later nobody waits for it.
+    for marker in root.iterdir():
+        try:
+            if time.time() - marker.stat().st_mtime > STALE_MARKER_S:
+                shutil.rmtree(marker, ignore_errors=True)
+        except FileNotFoundError:  # another launch removed it first
+            pass

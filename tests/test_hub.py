@@ -59,7 +59,10 @@ def stages(cache):
 def test_fine_tune_a_model_by_hub_id_from_the_cache(tmp_path, hub, tiny_corpus):
     commit = cache_tiny_gpt2(hub, "org/tiny-gpt2")
     cache = tmp_path / "cache"
-    data = [f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2"]
+    valid = tmp_path / "valid.py"  # a few blocks: evaluating a 50k vocab is the slow part
+    valid.write_text((tiny_corpus / "colorsys.py").read_text()[:1500])
+    data = ["data.source=text", "data.text_unit=file", f"data.files=[{tiny_corpus / 'bisect.py'}]",
+            f"data.valid_files=[{valid}]"]
     run_training(smoke(tmp_path / "by_id", cache, "model.pretrained_path=org/tiny-gpt2", *data))
 
     run = tmp_path / "by_id"
@@ -170,3 +173,28 @@ def test_a_resumed_run_keeps_the_commit_it_started_with(tmp_path, hub):
     assert pinned(None) == second
     assert pinned(started) == first
     assert pinned(compose(["model.pretrained_path=org/other", f"model.revision={first}"])) == second
+
+
+def test_a_download_skips_other_frameworks_and_the_bin_copy_of_safetensors(hub, monkeypatch):
+    """Online (faked here): a dry run lists the repo, then the download leaves out what torch never reads."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from gptlab.hub import resolve
+
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("dry_run"):
+            return [SimpleNamespace(filename=f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
+        return str(hub / "models--org--m" / "snapshots" / ("a" * 40))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    snapshot = resolve("org/m", "v1", key="model.pretrained_path")
+    assert (snapshot.repo_id, snapshot.commit) == ("org/m", "a" * 40)
+    assert [c.get("dry_run", False) for c in calls] == [True, False]
+    assert calls[1]["revision"] == "v1" and calls[1]["cache_dir"] == str(hub)
+    assert {"pytorch_model*.bin", "*.h5", "flax_model*", "*.onnx"} <= set(calls[1]["ignore_patterns"])

@@ -198,3 +198,25 @@ def test_a_download_skips_other_frameworks_and_the_bin_copy_of_safetensors(hub, 
     assert [c.get("dry_run", False) for c in calls] == [True, False]
     assert calls[1]["revision"] == "v1" and calls[1]["cache_dir"] == str(hub)
     assert {"pytorch_model*.bin", "*.h5", "flax_model*", "*.onnx"} <= set(calls[1]["ignore_patterns"])
+
+
+@requires_shared
+@pytest.mark.slow
+def test_two_processes_resolve_an_id_once_and_fail_together_without_it(tmp_path, hub, tiny_corpus):
+    """The local main process resolves (downloads); the other waits for it, also when it fails."""
+    from test_launch import ACCELERATE, TRAIN_PY, finish, output, start
+
+    commit = cache_tiny_gpt2(hub, "org/tiny-gpt2")
+    env = {**os.environ, "HF_HOME": str(hub.parent)}
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0", TRAIN_PY,
+           *smoke(tmp_path / "run", tmp_path / "cache", "data.source=text", "data.text_unit=file",
+                  f"data.files=[{tiny_corpus / 'bisect.py'}]", f"data.valid_files=[{tiny_corpus / 'colorsys.py'}]")]
+    finish([start([*cmd, "model.pretrained_path=org/tiny-gpt2"], tmp_path, env)])
+    assert "2 process(es)" in (tmp_path / "run" / "train.log").read_text()
+    assert stages(tmp_path / "cache") == ["hub", "splits", "tokens"]
+    assert OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml").model.revision == commit
+
+    proc = start([*cmd, "run_dir=" + str(tmp_path / "missing"), "model.pretrained_path=org/absent"], tmp_path, env)
+    proc.wait(timeout=240)
+    assert proc.returncode != 0
+    assert "error: model.pretrained_path=org/absent: the Hugging Face Hub is not reachable" in output(proc)

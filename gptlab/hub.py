@@ -29,6 +29,7 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 NOT_TORCH = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "onnx/*", "*.tflite", "*.gguf", "coreml/*",
              "flax_model*", "tf_model*", "rust_model*", "*.mlmodel"]
 SAFETENSORS_ONLY = ["pytorch_model*.bin"]
+WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt"]
 STALE_MARKER_S = 24 * 3600
 
 
@@ -65,8 +66,12 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: str = "model") -> Snapshot:
-    """A local directory as it is, or the cached (else downloaded) snapshot of a Hub id."""
+def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: str = "model",
+            weights: bool = True) -> Snapshot:
+    """A local directory as it is, or the cached (else downloaded) snapshot of a Hub id.
+
+    weights=False (a tokenizer) leaves a model repo's weight files out of the download.
+    """
     path = Path(str(value)).expanduser()
     if path.is_dir():
         return Snapshot(path.absolute())
@@ -83,7 +88,9 @@ def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: 
     folder = cache / repo_folder_name(repo_id=value, repo_type=repo_type)
     cached = bool(revision and COMMIT.match(revision) and (folder / "snapshots" / revision).is_dir())
     skip = None
-    if repo_type == "model":
+    if repo_type == "model" and not weights:
+        skip = NOT_TORCH + WEIGHTS
+    elif repo_type == "model":
         # From the cache, the completeness check must not ask for the .bin copies a download skipped.
         skip = NOT_TORCH + SAFETENSORS_ONLY if cached or offline() else _skip_weights(value, revision, cache)
     fetch = f"hf download {value}" + (f" --revision {revision}" if revision else "") + (
@@ -120,7 +127,8 @@ def _skip_weights(repo_id: str, revision: Optional[str], cache: Path) -> List[st
 
 # ------------------------------------------------------------------ pinning a run's ids
 
-# (the value's key, its revision's key, the repo type)
+# (the value's key, its revision's key, the repo type); the model first, so a tokenizer
+# from the same repo finds it in the cache.
 REFS = (("model.pretrained_path", "model.revision", "model"),
         ("tokenizer.path", "tokenizer.revision", "model"),
         ("data.builder", "data.revision", "dataset"),
@@ -165,8 +173,8 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, previous=None) -> None:
 
     def fetch(tmp: Path) -> dict:
         _remove_stale_markers(tmp.parent)
-        return {key: resolve(OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key), key=key,
-                             repo_type=kind).commit for key, rev_key, kind in refs}
+        return {key: resolve(OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key), key=key, repo_type=kind,
+                             weights=key != "tokenizer.path").commit for key, rev_key, kind in refs}
 
     marker = build_once(Path(cache_root) / "hub" / f"{launch[0]}-{socket.gethostname()}", fetch,
                         accelerator.is_local_main_process)

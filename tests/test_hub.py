@@ -199,6 +199,25 @@ def test_a_download_skips_other_frameworks_and_the_bin_copy_of_safetensors(hub, 
     assert calls[1]["revision"] == "v1" and calls[1]["cache_dir"] == str(hub)
     assert {"pytorch_model*.bin", "*.h5", "flax_model*", "*.onnx"} <= set(calls[1]["ignore_patterns"])
 
+    calls.clear()  # a tokenizer: no weights at all, so nothing to list first
+    resolve("org/m", key="tokenizer.path", weights=False)
+    assert len(calls) == 1 and {"*.safetensors", "*.bin", "*.h5"} <= set(calls[0]["ignore_patterns"])
+
+
+@requires_shared
+def test_a_tokenizer_by_id_keys_the_token_cache_like_its_directory(tmp_path, hub):
+    from gptlab.data.prepare import prepare
+
+    rugpt3 = SHARED / "tokenizers" / "rugpt3"
+    cache_repo(hub, "org/rugpt3-tokenizer", {p.name: p.read_bytes() for p in rugpt3.iterdir()})
+    text = tmp_path / "kazaki.txt"
+    text.write_text((SHARED / "tolstoy" / "kazaki.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    data = ["debug=smoke", "data=text", f"data.files=[{text}]", "data.valid_fraction=0.2", "data.block_size=32"]
+    by_id = prepare(compose([*data, "tokenizer.path=org/rugpt3-tokenizer"]), tmp_path / "cache")
+    by_dir = prepare(compose([*data, f"tokenizer.path={rugpt3}"]), tmp_path / "cache")
+    assert by_id.info["cache_dir"] == by_dir.info["cache_dir"]
+    assert stages(tmp_path / "cache") == ["splits", "tokens"]
+
 
 @requires_shared
 @pytest.mark.slow

@@ -98,7 +98,9 @@ def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path,
     """(tokenizer, content hash): loaded from tokenizer.path, or a BPE trained on the train split."""
     tc = cfg.tokenizer
     if tc.path:  # a directory or a Hub id; the cache key hashes the files, never the id
-        directory = resolve(tc.path, tc.revision, key="tokenizer.path").path if is_hub_id(tc.path) else tc.path
+        directory = tc.path
+        if is_hub_id(tc.path):
+            directory = resolve(tc.path, tc.revision, key="tokenizer.path", weights=False).path
         return load_tokenizer(directory), tokenizer_hash(directory)
     key = fingerprint({"corpus": corpus_key, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
                        "special_tokens": list(tc.special_tokens)})

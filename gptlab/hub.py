@@ -1,10 +1,12 @@
 """Hub ids for models, tokenizers and datasets, resolved the Hugging Face way.
 
 A value such as `model.pretrained_path` is a local directory or a Hub id (`org/name`).
-An id goes through `huggingface_hub.snapshot_download`, so through the HF cache
-(`HF_HOME`, `HF_HUB_CACHE`) and `HF_HUB_OFFLINE`, exactly as `from_pretrained` and
-`load_dataset` would; what is cached is not downloaded again. The result is a local
-snapshot directory and its commit hash. A run pins every id to that commit before step
+An id goes through `huggingface_hub.snapshot_download`, the download `from_pretrained`
+does file by file, so through the HF cache (`HF_HOME`, `HF_HUB_CACHE`) and
+`HF_HUB_OFFLINE`; what is cached is not downloaded again. The result is a local snapshot
+directory and its commit hash, which `from_pretrained` and `load_dataset` then read.
+Datasets go the same way because `load_dataset("org/name")` in datasets 5.2, offline,
+never looks in the hub cache: it only finds datasets it has already converted to Arrow. A run pins every id to that commit before step
 1 (see `pin_hub_ids`), and the pinned config is what the run directory and every
 checkpoint store, so a resume or an evaluate reads the same files.
 """

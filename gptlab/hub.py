@@ -51,6 +51,10 @@ def is_hub_id(value) -> bool:
     return bool(value) and not Path(str(value)).expanduser().exists() and bool(HUB_ID.match(str(value)))
 
 
+def is_commit(revision) -> bool:
+    return bool(revision) and bool(COMMIT.match(str(revision)))
+
+
 def hub_cache() -> Path:
     """The HF hub cache as the environment names it now.
 
@@ -88,7 +92,7 @@ def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: 
     at = f"@{revision}" if revision else ""
     # A pinned commit already in the cache needs no Hub call at all (every rank after the pin).
     folder = cache / repo_folder_name(repo_id=value, repo_type=repo_type)
-    cached = bool(revision and COMMIT.match(revision) and (folder / "snapshots" / revision).is_dir())
+    cached = is_commit(revision) and (folder / "snapshots" / revision).is_dir()
     skip = None
     if repo_type == "model" and not weights:
         skip = NOT_TORCH + WEIGHTS
@@ -137,18 +141,15 @@ REFS = (("model.pretrained_path", "model.revision", "model"),
         ("data.valid_builder", "data.valid_revision", "dataset"))
 
 
-def hub_refs(cfg) -> List[Tuple[str, str, str]]:
-    """The REFS whose value is a Hub id the run reads (the data's only with data=hf)."""
+def hub_refs(cfg, datasets: bool) -> List[Tuple[str, str, str]]:
+    """The REFS whose value is a Hub id the run reads; the data's only if it reads dataset repos."""
     from omegaconf import OmegaConf
 
-    from .data.sources import HfSource
-
-    hf = cfg.data.source == "hf" and cfg.data.builder not in HfSource.BUILDERS
     return [ref for ref in REFS if is_hub_id(OmegaConf.select(cfg, ref[0], default=None))
-            and (hf or not ref[0].startswith("data."))]
+            and (datasets or not ref[0].startswith("data."))]
 
 
-def pin_hub_ids(cfg, accelerator, cache_root: Path, previous=None) -> None:
+def pin_hub_ids(cfg, accelerator, cache_root: Path, datasets: bool, previous=None) -> None:
     """Resolve every Hub id in `cfg` and set its revision to the snapshot's commit.
 
     The local main process of each machine downloads what is missing (with the Hub's
@@ -161,7 +162,7 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, previous=None) -> None:
 
     from .data.cache import build_once, read_meta
 
-    refs = hub_refs(cfg)
+    refs = hub_refs(cfg, datasets)
     if not refs:
         return
     for key, rev_key, _ in refs:

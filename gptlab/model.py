@@ -11,7 +11,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from .hub import is_hub_id, resolve
+from .hub import is_commit, is_hub_id, resolve
 from .loss import fused_linear_loss
 from .validate import ConfigError, MissingPathError
 
@@ -77,6 +77,8 @@ def check_block_size(model_cfg, block_size: int) -> None:
         if block_size > model_cfg.n_positions:
             raise ConfigError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
         return
+    if is_hub_id(model_cfg.pretrained_path) and not is_commit(model_cfg.revision):
+        return  # checked once run.py's pin_hub_ids has fetched it, on one process per machine
     path = pretrained_dir(model_cfg)
     n_pos = max_positions(AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code))
     if n_pos is not None and block_size > n_pos:

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder
 from .data.prepare import prepare
+from .data.sources import HfSource
 from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
 from .generate import log_samples
 from .hub import pin_hub_ids
@@ -60,7 +61,8 @@ def run(cfg) -> dict:
         cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
         cfg.tokenizer.revision = cfg.model.revision
     # Before the config is saved: the run dir and every checkpoint store the pinned commits.
-    pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), previous=_saved_config(run_dir, cfg.resume))
+    pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), datasets=HfSource.reads_repo(cfg.data),
+                previous=_saved_config(run_dir, cfg.resume))
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s%s", run_dir,

@@ -74,10 +74,8 @@ def check_config(cfg) -> None:
              f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
     _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
 
-    from .hub import is_hub_id
     from .model import check_block_size
-    if not is_hub_id(mc.pretrained_path):  # a Hub id is checked once fetched, on one process (run.py)
-        check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
+    check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
     if not mc.pretrained_path:  # a pretrained model brings its own shape
         _require(mc.n_embd % mc.n_head == 0, f"model.n_embd={mc.n_embd} is not divisible by model.n_head={mc.n_head}")
         _require(0 <= mc.dropout < 1, f"model.dropout={mc.dropout} must be in [0, 1)")

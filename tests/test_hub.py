@@ -166,7 +166,7 @@ def test_a_resumed_run_keeps_the_commit_it_started_with(tmp_path, hub):
 
     def pinned(previous):
         cfg = compose(["model.pretrained_path=org/m"])
-        pin_hub_ids(cfg, one, tmp_path / "cache", previous)
+        pin_hub_ids(cfg, one, tmp_path / "cache", datasets=False, previous=previous)
         return cfg.model.revision
 
     started = compose(["model.pretrained_path=org/m", f"model.revision={first}"])

@@ -251,6 +251,11 @@ class HfSource(FileSource):
         else:
             super().__init__(settings, cache_root)
 
+    @classmethod
+    def reads_repo(cls, dc) -> bool:
+        """Whether data.* reads dataset repos (data.builder is an id or a directory, not a file format)."""
+        return dc.source == "hf" and dc.builder not in cls.BUILDERS
+
     @staticmethod
     def _repos(s) -> dict:
         """{part: (Snapshot, split) or None}; a missing id fails here, before any data work."""

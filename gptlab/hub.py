@@ -176,8 +176,14 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, datasets: bool, previous=Non
 
     def fetch(tmp: Path) -> dict:
         _remove_stale_markers(tmp.parent)
-        return {key: resolve(OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key), key=key, repo_type=kind,
-                             weights=key != "tokenizer.path").commit for key, rev_key, kind in refs}
+        commits, seen = {}, {}
+        for key, rev_key, kind in refs:
+            value, revision = OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key)
+            if (kind, value, revision) not in seen:  # a model's own tokenizer: one look-up
+                seen[kind, value, revision] = resolve(value, revision, key=key, repo_type=kind,
+                                                      weights=key != "tokenizer.path").commit
+            commits[key] = seen[kind, value, revision]
+        return commits
 
     marker = build_once(Path(cache_root) / "hub" / f"{launch[0]}-{socket.gethostname()}", fetch,
                         accelerator.is_local_main_process)

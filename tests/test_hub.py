@@ -227,9 +227,11 @@ def test_two_processes_resolve_an_id_once_and_fail_together_without_it(tmp_path,
 
     commit = cache_tiny_gpt2(hub, "org/tiny-gpt2")
     env = {**os.environ, "HF_HOME": str(hub.parent)}
+    valid = tmp_path / "valid.py"
+    valid.write_text((tiny_corpus / "colorsys.py").read_text()[:1500])
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0", TRAIN_PY,
            *smoke(tmp_path / "run", tmp_path / "cache", "data.source=text", "data.text_unit=file",
-                  f"data.files=[{tiny_corpus / 'bisect.py'}]", f"data.valid_files=[{tiny_corpus / 'colorsys.py'}]")]
+                  f"data.files=[{tiny_corpus / 'bisect.py'}]", f"data.valid_files=[{valid}]")]
     finish([start([*cmd, "model.pretrained_path=org/tiny-gpt2"], tmp_path, env)])
     assert "2 process(es)" in (tmp_path / "run" / "train.log").read_text()
     assert stages(tmp_path / "cache") == ["hub", "splits", "tokens"]

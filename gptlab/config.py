@@ -106,7 +106,12 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     micro_batch_size: int = 8
-    grad_accum: int = 1
+    # Sequences per optimizer step over all processes; null: micro_batch_size x grad_accum x processes.
+    # When set, grad_accum is derived from it and the process count (the same recipe on 1 or 8 GPUs).
+    global_batch_size: Optional[int] = None
+    # Micro-steps per optimizer step; null: derived from global_batch_size, or 1 without it.
+    # Given explicitly next to global_batch_size, it must agree with it.
+    grad_accum: Optional[int] = None
     max_steps: int = 300
     # When set, overrides max_steps with the optimizer steps that make this many epochs.
     epochs: Optional[int] = None

@@ -134,6 +134,9 @@ class TrainerConfig:
     cpu_threads: Optional[int] = None
     # torch.compile the repeated transformer blocks (see model.compile_blocks).
     compile: bool = False
+    # Recompute each transformer block in the backward pass instead of keeping its activations
+    # (non-reentrant torch.utils.checkpoint): far less activation memory for about a third more compute.
+    activation_checkpointing: bool = False
     # TensorFloat-32 matmuls on CUDA GPUs that have it; no effect on CPU.
     tf32: bool = True
     # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.

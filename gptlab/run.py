@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
-from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
+from .distributed import (agree_run_dir, apply_activation_checkpointing, make_accelerator, setup_logging,
+                          wrap_parallel)
 from .generate import log_samples
 from .loop import train
 from .loss import make_loss_fn
@@ -76,6 +77,7 @@ def run(cfg) -> dict:
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)

@@ -109,7 +109,8 @@ def test_a_resume_with_another_global_batch_is_refused(tmp_path, base, one_proc)
 
 @pytest.mark.slow
 def test_two_processes_and_elastic_resume_follow_the_one_process_curve(tmp_path, base, one_proc):
-    """Same command on 2 processes; then 2 -> 1 and 1 -> 2 processes resumed at step 4."""
+    """Same command on 2 processes; then 2 -> 1 and 1 -> 2 processes (the latter with activation
+    checkpointing under DDP) resumed at step 4."""
     two = tmp_path / "two"
     launch_2proc([f"run_dir={two}", *base])
     assert "= micro 20 x accum 1 x 2 process(es)" in (two / "train.log").read_text()
@@ -121,9 +122,11 @@ def test_two_processes_and_elastic_resume_follow_the_one_process_curve(tmp_path,
     assert "dropout is on" not in log
     assert_same_curve(tmp_path / "two_to_one", one_proc)
 
-    launch_2proc([*base, *resume_copy(one_proc, tmp_path / "one_to_two")])
+    # ... with activation checkpointing too, which must not change a number under DDP either
+    launch_2proc([*base, *resume_copy(one_proc, tmp_path / "one_to_two"), "trainer.activation_checkpointing=true"])
     assert_same_curve(tmp_path / "one_to_two", one_proc)
-    assert "written by 1 process(es), this run has 2" in (tmp_path / "one_to_two" / "train.log").read_text()
+    log = (tmp_path / "one_to_two" / "train.log").read_text()
+    assert "written by 1 process(es), this run has 2" in log and "activation checkpointing: each" in log
 
 
 def test_elastic_resume_with_dropout_says_the_masks_cannot_match(tmp_path, base, cache_dir, one_proc):

@@ -180,6 +180,7 @@ def jobs(slurm, tmp_path_factory):
         normal=job("normal", CPU_2PROC),
         # start 1 pauses at step 3 (SIGTERM to the steps), start 2 at step 6 (SIGUSR1 to the batch script)
         preempted=job("preempted", CPU_2PROC, fault=["pause_in_step:3:0", "pause_in_step:6:0"]),
+        cancelled=job("cancelled", CPU_2PROC, fault=["pause_in_step:3:0"]),
         killed=job("killed", CPU_2PROC, f"run_dir={base / 'killed' / 'run'}", fault=["pause_in_step:7"]),
         two_nodes=job("two_nodes", ["--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"]),
         no_such_experiment=job("no_such_experiment", ["--gpus-per-node=0", "--ntasks-per-node=1",
@@ -251,6 +252,21 @@ def test_preempted_job_saves_requeues_itself_and_finishes_like_an_uninterrupted_
     assert_same_curve(run_dir, run_dir_of(normal), tol=0)
     for key in ("train/loss", "train/lr", "train/grad_norm", "eval/loss"):
         assert series(read_metrics(run_dir), key) == series(read_metrics(run_dir_of(normal)), key), key
+
+
+def test_cancelled_job_saves_and_stays_cancelled(jobs):
+    """A plain `scancel` (SIGTERM to every process, SIGKILL after KillWait): the trainers save,
+    and the script does not requeue a job the user cancelled."""
+    job = jobs.cancelled
+    job.wait_paused(0)
+    job.slurm.run("scancel", job.id)
+    info = job.wait_done()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), job.out[-4000:]
+    run_dir = run_dir_of(job)
+    assert "stopped by SIGTERM" in (run_dir / "train.log").read_text()
+    assert saved_steps(run_dir) == [3]
+    assert "requeueing" not in job.out
+    assert f"continue with the same command and run_dir={run_dir}" in job.out
 
 
 def test_hard_killed_job_resumes_from_its_last_checkpoint_when_resubmitted(jobs):

@@ -90,7 +90,7 @@ class Cluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         socket_path = self.state / "munge.socket"
-        # --force: munged refuses to run as root or with a log file it deems insecure otherwise.
+        # --force: as root, munged otherwise refuses its log file ("Logfile is insecure").
         self._daemon("munged", [_binary("munged"), "--force", f"--socket={socket_path}", f"--key-file={key}",
                                 f"--log-file={self.state / 'munged.log'}", f"--pid-file={self.state / 'munged.pid'}",
                                 f"--seed-file={self.state / 'munged.seed'}"], self.state / "munged.pid")
@@ -141,9 +141,9 @@ class Cluster:
     def stop(self, timeout=15):
         """Cancel what still runs, then every daemon by its pid (munged last); SIGKILL if one lingers."""
         if "slurmctld" in self.pids:
-            self.run("scancel", "--full", "--signal=KILL", f"--user={os.getuid()}", check=False)
+            # A cancelled job gets SIGTERM, then SIGKILL after KillWait (30 s): wait for it to be gone.
             self.run("scancel", f"--user={os.getuid()}", check=False)
-            deadline = time.time() + timeout
+            deadline = time.time() + 60
             while self.run("squeue", "-h", "-t", "running,completing", check=False).stdout.strip():
                 if time.time() > deadline:
                     break

@@ -11,12 +11,10 @@ into the job by sbatch) installs tests/fault_harness.py's pause in the trainer f
 of the job named by $SLURM_RESTART_COUNT: rank 0 waits at the start of a given step until a
 signal arrives. Nothing else about training changes.
 """
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
+import sysconfig
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +31,8 @@ SBATCH = "launch/slurm/train.sbatch"
 CPU_2PROC = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 STEPS = 8
 TIMEOUT = 420  # seconds for one start of a job, on a loaded shared machine
+# A requeue passes through COMPLETING, REQUEUED and PENDING: only these states are an end.
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 CORPUS_FILES = ("bisect", "colorsys", "keyword", "glob", "fnmatch", "textwrap")
 
 HOOK = """
@@ -105,13 +105,12 @@ class Job:
             time.sleep(0.5)
 
     def wait_done(self, restarts=0) -> dict:
-        return self.wait(lambda i: i["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")
-                         and int(i["Restarts"]) == restarts, "end")
+        return self.wait(lambda i: i["JobState"] in ENDED and int(i["Restarts"]) == restarts, "end")
 
     def wait_paused(self, start: int):
         """Until rank 0 of this start sits at its fault point."""
         marker = Path(f"{self.marker}.start{start}.rank0")
-        self.wait(lambda i: marker.exists() or i["JobState"] not in ("PENDING", "RUNNING"), f"pause in start {start}")
+        self.wait(lambda i: marker.exists() or i["JobState"] in ENDED, f"pause in start {start}")
         assert marker.exists(), f"job {self.id} ended before the fault point:\n{self.out[-4000:]}"
         time.sleep(0.5)  # rank 1 reaches its collective; the handlers are long installed
 
@@ -148,12 +147,11 @@ def saved_steps(run_dir) -> list:
 @pytest.fixture(scope="module")
 def jobs(slurm, tmp_path_factory):
     """Every job of the module, submitted at once, and the plain `accelerate launch` reference."""
-    from test_launch import ACCELERATE, TRAIN_PY, free_port, start
+    from test_launch import ACCELERATE, TRAIN_PY, free_port, kill_tree, start
 
     base = tmp_path_factory.mktemp("sbatch")
     corpus, cache = base / "corpus", base / "cache"
     corpus.mkdir()
-    import sysconfig
     for name in CORPUS_FILES:
         (corpus / f"{name}.py").write_text((Path(sysconfig.get_paths()["stdlib"]) / f"{name}.py").read_text())
     hook = base / "hook"
@@ -176,7 +174,7 @@ def jobs(slurm, tmp_path_factory):
                    {**env, **faults, "GPTLAB_FAULT_MARKER": str(marker)}, marker)
 
     submitted = SimpleNamespace(
-        base=base, env=env, corpus=corpus, cache=cache, t0=t0, ref_dir=ref_dir,
+        ref_dir=ref_dir,
         normal=job("normal", CPU_2PROC),
         # start 1 pauses at step 3 (SIGTERM to the steps), start 2 at step 6 (SIGUSR1 to the batch script)
         preempted=job("preempted", CPU_2PROC, fault=["pause_in_step:3:0", "pause_in_step:6:0"]),
@@ -191,7 +189,7 @@ def jobs(slurm, tmp_path_factory):
         reference.wait(timeout=TIMEOUT)
     finally:
         if reference.poll() is None:
-            reference.kill()
+            kill_tree(reference)
     reference.log.seek(0)
     assert reference.returncode == 0, reference.log.read()[-4000:]
     yield submitted
@@ -300,7 +298,7 @@ def test_hard_killed_job_resumes_from_its_last_checkpoint_when_resubmitted(jobs)
 
 
 def test_two_nodes_train_like_two_processes_on_one(jobs):
-    """Nodes n1 and n2 (two slurmd on this machine; their names resolve nowhere): one
+    """Nodes n1 and n2 (two slurmd on this machine; here their names resolve nowhere): one
     `accelerate launch` per node, one process each, rendezvous at n1's NodeAddr."""
     job = jobs.two_nodes
     info = job.wait_done()

@@ -2,12 +2,13 @@
 
     python tests/slurm/cluster.py DIR [NODES]   # start one by hand; prints the SLURM_CONF to export
 
-Each daemon runs as root (what CI and this machine give) with its own socket, pid, log and
-spool files under DIR, on free ports, so it touches no system-wide SLURM or munge state and
-several clusters can coexist. Nodes n1..nN are emulated on this machine (the packaged build
+Each daemon runs as the current user (root or not; jobs then run as that user) with its own
+socket, key, pid, log and spool files under DIR, on free ports, so it touches no system-wide
+SLURM or munge state and several clusters can coexist. Nodes n1..nN are emulated on this machine (the packaged build
 has MULTIPLE_SLURMD), each with NodeAddr 127.0.0.1.
 """
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -42,8 +43,8 @@ SLURM_CONF = """\
 ClusterName=gptlab
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
-SlurmUser=root
-SlurmdUser=root
+SlurmUser={user}
+SlurmdUser={user}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket}
@@ -90,7 +91,7 @@ class Cluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         socket_path = self.state / "munge.socket"
-        # --force: as root, munged otherwise refuses its log file ("Logfile is insecure").
+        # --force: munged otherwise refuses to run as root or with its files in /tmp ("insecure").
         self._daemon("munged", [_binary("munged"), "--force", f"--socket={socket_path}", f"--key-file={key}",
                                 f"--log-file={self.state / 'munged.log'}", f"--pid-file={self.state / 'munged.pid'}",
                                 f"--seed-file={self.state / 'munged.seed'}"], self.state / "munged.pid")
@@ -99,7 +100,7 @@ class Cluster:
         nodes = "\n".join(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} "
                           "State=UNKNOWN" for n, port in zip(self.nodes, node_ports))
         self.conf.write_text(SLURM_CONF.format(ctld_port=ctld_port, munge_socket=socket_path, state=self.state,
-                                               nodes=nodes))
+                                               nodes=nodes, user=pwd.getpwuid(os.getuid()).pw_name))
         self._daemon("slurmctld", [_binary("slurmctld"), "-i"], self.state / "slurmctld.pid")
         for node in self.nodes:
             self._daemon(f"slurmd-{node}", [_binary("slurmd"), "-N", node], self.state / f"slurmd-{node}.pid")

@@ -50,13 +50,11 @@ if sys.argv and sys.argv[0].endswith("train.py"):
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A private cluster, munged + slurmctld + two emulated nodes n1, n2, all state in a temporary
-    directory; every daemon stopped by its pid. Without the daemons or root: a skip with the reason."""
+    directory; every daemon stopped by its pid. Without the daemons: a skip with the reason."""
     missing = missing_binaries()
     if missing:
         pytest.skip(f"SLURM not installed ({', '.join(missing)} missing): "
                     "apt-get install slurmctld slurmd slurm-client munge")
-    if os.geteuid() != 0:
-        pytest.skip("the private SLURM cluster runs its daemons as root")
     # CPUs beyond the hardware (config_overrides) let the test jobs run side by side.
     cluster = Cluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus=8)
     try:

@@ -77,7 +77,7 @@ class Job:
         self.slurm, self.cwd, self.marker = slurm, cwd, marker
         self.cmd = ["sbatch", "--parsable", f"--chdir={cwd}", *sbatch_args, SBATCH, *overrides]
         self.env = env or {}
-        self.id = self.submit()
+        self.submit()
 
     def submit(self) -> str:
         self.id = self.slurm.run(*self.cmd, cwd=ROOT, env=self.env).stdout.strip().split(";")[0]

@@ -352,8 +352,9 @@ with open(f"got{rank}.txt", "w") as f:
 """
 
 # A stand-in srun: one copy of the command per node with SLURM_NODEID set, signals passed on
-# to every copy (what the real srun does with the signals it receives).
+# to every copy. The stand-in scancel signals it, as the real one signals every job step.
 FAKE_SRUN = """#!/usr/bin/env bash
+echo $$ > srun.pid
 while [[ $1 == --* ]]; do shift; done
 pids=()
 for ((n = 0; n < SLURM_NNODES; n++)); do
@@ -403,7 +404,7 @@ def _ready(cwd, rank):
 @pytest.mark.slow
 def test_sbatch_passes_overrides_and_forwards_usr1_to_every_trainer(tmp_path):
     """train.sbatch as a 2-node job (1 GPU each) on this machine, with stand-ins for srun,
-    scontrol and the trainer. SLURM's time-limit warning (SIGUSR1 to the batch script)
+    scontrol, scancel and the trainer (tests/slurm/ runs it on a real cluster). SLURM's time-limit warning (SIGUSR1 to the batch script)
     must reach the trainer on every node as SIGTERM, and the job must end cleanly."""
     (tmp_path / "train.py").write_text(FAKE_TRAINER)
     (tmp_path / "launch").symlink_to(LAUNCH)
@@ -411,6 +412,7 @@ def test_sbatch_passes_overrides_and_forwards_usr1_to_every_trainer(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "scancel").write_text("#!/bin/sh\nkill -TERM $(cat srun.pid)\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -420,8 +422,11 @@ def test_sbatch_passes_overrides_and_forwards_usr1_to_every_trainer(tmp_path):
     rc, out = _run_until_ready_then_signal(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "debug=smoke",
                                             ODD_OVERRIDE], tmp_path, env, signal.SIGUSR1)
     assert "2 node(s) x 1 GPU(s) = 2 process(es)" in out
+    # The script adds the job's run directory (the same on a requeue) and resume=auto.
+    run_dir = f"run_dir={tmp_path}/outputs/default/slurm-4242"
     for rank in (0, 1):
-        assert _ready(tmp_path, rank) == {"argv": ["debug=smoke", ODD_OVERRIDE], "world_size": "2"}
+        assert _ready(tmp_path, rank) == {"argv": [run_dir, "resume=auto", "debug=smoke", ODD_OVERRIDE],
+                                          "world_size": "2"}
         assert (tmp_path / f"got{rank}.txt").read_text() == "SIGTERM", out[-4000:]
     assert rc == 0, out[-4000:]
 

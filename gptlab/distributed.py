@@ -124,6 +124,11 @@ def check_wrapped(accelerator: Accelerator, model) -> None:
             not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise RuntimeError(f"{accelerator.num_processes} processes but the model is not wrapped in DDP "
                            f"({type(model).__name__}, {accelerator.distributed_type})")
+    if fsdp_asked():
+        params = list(model.parameters())
+        log.info("FSDP2: %d of %d parameter values on this process, %d DTensors sharded over %d process(es)",
+                 sum(p.to_local().numel() for p in params), sum(p.numel() for p in params), len(params),
+                 accelerator.num_processes)
 
 
 def check_parallel(parallel: str, num_processes: int) -> None:

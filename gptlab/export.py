@@ -6,6 +6,7 @@ checkpoints alike; a sharded one is stitched together in this one process, witho
 """
 import argparse
 import logging
+import warnings
 from pathlib import Path
 
 from .checkpoint import CheckpointError, export_hf, find_checkpoint, read_trainer_state
@@ -54,7 +55,9 @@ def _read_sharded(path) -> dict:
 
     meta = dcp.FileSystemReader(str(path)).read_metadata()
     weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
-    dcp.load(weights, checkpoint_id=str(path), no_dist=True)  # stitches the shards together
+    with warnings.catch_warnings():  # that no_dist means one process is the point here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(weights, checkpoint_id=str(path), no_dist=True)  # stitches the shards together
     return {k.removeprefix("model."): v for k, v in weights.items()}  # accelerate saves {"model": state_dict}
 
 

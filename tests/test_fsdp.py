@@ -1,11 +1,13 @@
 """FSDP2 through `accelerate launch --config_file launch/accelerate/fsdp.yaml`, on CPU over gloo.
 
-Two module runs serve most assertions: DDP and FSDP2, 2 processes, grad_accum 2, 6 steps,
-the same data and seed. The FSDP2 run must really be sharded (a silent DDP fallback fails
-here) and train like DDP to 1e-5: losses, global grad norms, eval/loss, final weights.
+Two runs serve most assertions: DDP (test_launch.py's `ddp2`) and FSDP2, 2 processes,
+grad_accum 2, 6 steps, the same data and seed. The FSDP2 run must really be sharded (a
+silent DDP fallback fails here) and train like DDP to 1e-5: losses, global grad norms,
+eval/loss, final weights. Its checkpoints then seed the resume and elastic tests.
 """
 import json
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,26 +17,24 @@ import pytest
 import torch
 
 from conftest import read_metrics, series
-from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, finish, free_port, kill_tree,  # noqa: F401
-                         launch_env, logged_world, output, overrides, start)
+from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, ddp2, finish, free_port,  # noqa: F401
+                         kill_tree, launch_env, logged_world, output, overrides, start)
 
 HARNESS = str(Path(TRAIN_PY).parent / "tests" / "fault_harness.py")
 TOL = 1e-5
 SAVE_EVERY = 2
 
 
-def two_process_run(config, run_dir, corpus, cache_dir, env, script=TRAIN_PY, *extra):
+def two_process_run(config, run_dir, corpus, cache_dir, env, script=TRAIN_PY, *extra, processes=2, accum=2):
     cmd = [ACCELERATE, "launch", "--config_file", str(LAUNCH / "accelerate" / config),
-           "--main_process_port", str(free_port()), script,
-           *overrides(corpus, cache_dir, 2, f"run_dir={run_dir}", f"trainer.save_every={SAVE_EVERY}", *extra)]
+           "--num_processes", str(processes), "--main_process_port", str(free_port()), script,
+           *overrides(corpus, cache_dir, accum, f"run_dir={run_dir}", f"trainer.save_every={SAVE_EVERY}", *extra)]
     return start(cmd, run_dir.parent, env)
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory, corpus, cache_dir, launch_env):
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    finish([two_process_run("cpu_ddp2.yaml", run_dir, corpus, cache_dir, launch_env)])
-    return run_dir
+def ddp(ddp2):
+    return ddp2.run_dir  # no save_every there: saving does not change a number
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,40 @@ def test_fsdp2_resume_after_sigkill_is_exact(fsdp, corpus, cache_dir, launch_env
     assert_same_weights(weights(run_dir / "final"), weights(fsdp.run_dir / "final"), 0)
 
 
+def resume_copy(src, dst, step):
+    """A copy of a finished run, to be continued from its step-`step` checkpoint."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final")
+    return [f"resume={dst / 'checkpoints' / f'step_{step:07d}'}"]
+
+
+@pytest.mark.slow
+def test_fsdp2_elastic_resume_two_to_one_and_one_to_two(fsdp, corpus, cache_dir, launch_env, tmp_path):
+    """2 processes x accum 2 -> 1 x accum 4 from step 2; that run's step-4 checkpoint -> 2 x accum 2
+    with activation checkpointing. The same global batch (16), dropout 0: the curve stays the
+    uninterrupted 2-process run's to 1e-5 (another reduction order, so not bit-exact)."""
+    one = tmp_path / "two_to_one"
+    finish([two_process_run("fsdp.yaml", one, corpus, cache_dir, launch_env, TRAIN_PY,
+                            *resume_copy(fsdp.run_dir, one, 2), processes=1, accum=4)])
+    log = (one / "train.log").read_text()
+    assert logged_world(one) == (1, "FSDP") and "written by 2 process(es), this run has 1" in log
+    steps = list(range(1, STEPS + 1))
+    for key in ("train/loss", "train/grad_norm"):
+        assert_close_series(one, fsdp.run_dir, key, steps, TOL)
+    assert_close_series(one, fsdp.run_dir, "eval/loss", [3, 6], TOL)
+    assert json.loads((one / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())["world_size"] == 1
+
+    two = tmp_path / "one_to_two"
+    finish([two_process_run("fsdp.yaml", two, corpus, cache_dir, launch_env, TRAIN_PY,
+                            *resume_copy(one, two, 4), "trainer.activation_checkpointing=true")])
+    log = (two / "train.log").read_text()
+    assert "written by 1 process(es), this run has 2" in log and "activation checkpointing: each" in log
+    for key in ("train/loss", "train/grad_norm"):
+        assert_close_series(two, fsdp.run_dir, key, steps, TOL)
+    assert_close_series(two, fsdp.run_dir, "eval/loss", [3, 6], TOL)
+    assert_same_weights(weights(two / "final"), weights(fsdp.run_dir / "final"), TOL)
+
+
 # ---- checked before step 1, no launch needed
 
 @pytest.fixture
@@ -188,3 +222,17 @@ def test_an_auto_wrap_class_the_model_lacks_is_refused(fsdp_env):
     fsdp_env.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "GPT2Block")
     check_auto_wrap(SimpleNamespace(is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=fsdp_plugin("ddp", False))),
                     model)
+
+
+def test_a_sharded_checkpoint_is_not_resumed_unsharded(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab.checkpoint import STATE_FILE, CheckpointError, load_checkpoint
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"format": 1, "step": 4, "world_size": 2, "layout": "sharded",
+                                                   "files": {}}))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    acc = SimpleNamespace(num_processes=1, process_index=0)
+    with pytest.raises(CheckpointError, match="holds sharded weights and this run is full .not FSDP.: resume it "
+                                              "with the launch that wrote it, or export it"):
+        load_checkpoint(acc, tmp_path, model)

@@ -38,13 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def launch_env(tmp_path_factory):
     # An empty HF_HOME: no accelerate default_config.yaml of the user's can change a launch.
     return {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf_home"))}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def corpus(tmp_path_factory):
     src = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("launch") / "corpus"
@@ -153,7 +153,7 @@ def reference(tmp_path_factory, corpus, cache_dir, launch_env):
     return SimpleNamespace(run_dir=run_dir, wall_s=wall_s)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def ddp2(tmp_path_factory, corpus, cache_dir, launch_env):
     """cpu_ddp2.yaml (= `--multi_gpu --num_processes 2`), grad_accum=2, NO run_dir, from an empty cwd."""
     cwd = tmp_path_factory.mktemp("ddp2_cwd")

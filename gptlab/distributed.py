@@ -115,20 +115,20 @@ def is_sharded(model) -> bool:
 def check_wrapped(accelerator: Accelerator, model) -> None:
     from torch.distributed.tensor import DTensor
 
+    if not fsdp_asked():
+        if accelerator.num_processes > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError(f"{accelerator.num_processes} processes but the model is not wrapped in DDP "
+                               f"({type(model).__name__}, {accelerator.distributed_type})")
+        return
     # Right after prepare every parameter of an FSDP2 model is a sharded DTensor (a forward
     # without a backward, as in evaluation, leaves the root's gathered until the next one).
-    if fsdp_asked() and not (is_sharded(model) and all(isinstance(p, DTensor) for p in model.parameters())):
+    params = list(model.parameters())
+    if not (is_sharded(model) and all(isinstance(p, DTensor) for p in params)):
         raise RuntimeError(f"the launch asked for FSDP but the model is not sharded ({type(model).__name__}, "
                            f"{accelerator.distributed_type}); refusing to train it unsharded")
-    if not fsdp_asked() and accelerator.num_processes > 1 and \
-            not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        raise RuntimeError(f"{accelerator.num_processes} processes but the model is not wrapped in DDP "
-                           f"({type(model).__name__}, {accelerator.distributed_type})")
-    if fsdp_asked():
-        params = list(model.parameters())
-        log.info("FSDP2: %d of %d parameter values on this process, %d DTensors sharded over %d process(es)",
-                 sum(p.to_local().numel() for p in params), sum(p.numel() for p in params), len(params),
-                 accelerator.num_processes)
+    log.info("FSDP2: %d of %d parameter values on this process, %d DTensors sharded over %d process(es)",
+             sum(p.to_local().numel() for p in params), sum(p.numel() for p in params), len(params),
+             accelerator.num_processes)
 
 
 def check_parallel(parallel: str, num_processes: int) -> None:

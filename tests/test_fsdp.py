@@ -114,7 +114,7 @@ def test_fsdp2_export_loads_in_pipeline_and_equals_ddp(ddp, fsdp, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_resume_after_sigkill_is_exact(fsdp, corpus, cache_dir, launch_env, tmp_path):
-    """Killed while step 5 runs (after the sharded step-4 checkpoint), then resume=auto at 2 processes."""
+    """Killed while step 5 runs, step 4's checkpoint then damaged; resume=auto at 2 processes."""
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     env = {**launch_env, "GPTLAB_FAULT": "pause_in_step:5:0", "GPTLAB_FAULT_MARKER": str(marker)}
     proc = two_process_run("fsdp.yaml", run_dir, corpus, cache_dir, env, HARNESS)
@@ -129,9 +129,13 @@ def test_fsdp2_resume_after_sigkill_is_exact(fsdp, corpus, cache_dir, launch_env
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / "step_0000004").is_dir() and not (run_dir / "final").exists()
+    # ... and rank 1's model shard of step 4 truncated: resume=auto falls back to step 2
+    shard = run_dir / "checkpoints" / "step_0000004" / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
 
     finish([two_process_run("fsdp.yaml", run_dir, corpus, cache_dir, launch_env, TRAIN_PY, "resume=auto")])
-    assert "resumed from" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "__1_0.distcp has 100 bytes instead of" in log and "step_0000002: step 2" in log
     # FSDP2 at the same process count reduces in the same order: bit-exact, like DDP's resume
     for key in ("train/loss", "train/grad_norm", "eval/loss"):
         assert series(read_metrics(run_dir), key) == series(read_metrics(fsdp.run_dir), key), key
@@ -154,7 +158,8 @@ def test_fsdp2_elastic_resume_two_to_one_and_one_to_two(fsdp, corpus, cache_dir,
     finish([two_process_run("fsdp.yaml", one, corpus, cache_dir, launch_env, TRAIN_PY,
                             *resume_copy(fsdp.run_dir, one, 2), processes=1, accum=4)])
     log = (one / "train.log").read_text()
-    assert logged_world(one) == (1, "FSDP") and "written by 2 process(es), this run has 1" in log
+    assert re.findall(r"(\d+) process\(es\), DistributedType\.(\w+)", log)[-1] == ("1", "FSDP")  # the resumed part
+    assert "written by 2 process(es), this run has 1" in log
     steps = list(range(1, STEPS + 1))
     for key in ("train/loss", "train/grad_norm"):
         assert_close_series(one, fsdp.run_dir, key, steps, TOL)
@@ -236,3 +241,19 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(tmp_path):
     with pytest.raises(CheckpointError, match="holds sharded weights and this run is full .not FSDP.: resume it "
                                               "with the launch that wrote it, or export it"):
         load_checkpoint(acc, tmp_path, model)
+
+
+def test_a_launch_that_asked_for_fsdp_and_got_no_sharding_stops(fsdp_env):
+    """What accelerate alone does on a CPU (MULTI_CPU, a DDP or bare model) is refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab.distributed import check_wrapped
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    acc = SimpleNamespace(num_processes=2, distributed_type="DistributedType.MULTI_CPU")
+    with pytest.raises(RuntimeError, match="asked for FSDP but the model is not sharded .GPT2LMHeadModel"):
+        check_wrapped(acc, model)
+    fsdp_env.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(RuntimeError, match="2 processes but the model is not wrapped in DDP"):
+        check_wrapped(acc, model)
+    check_wrapped(SimpleNamespace(num_processes=1, distributed_type="NO"), model)

@@ -257,3 +257,37 @@ def test_a_launch_that_asked_for_fsdp_and_got_no_sharding_stops(fsdp_env):
     with pytest.raises(RuntimeError, match="2 processes but the model is not wrapped in DDP"):
         check_wrapped(acc, model)
     check_wrapped(SimpleNamespace(num_processes=1, distributed_type="NO"), model)
+
+
+def test_evaluation_keeps_every_rank_in_step_under_fsdp():
+    """A rank with fewer validation batches runs uncounted forwards until the others finish
+    (each FSDP2 forward is a collective), then regathers nothing: the root is resharded."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab.evaluate import evaluate
+
+    class CountingSharded(FSDPModule, GPT2LMHeadModel):  # stands in for fully_shard's FSDPGPT2LMHeadModel
+        forwards = reshards = 0
+
+        def forward(self, *a, **k):
+            type(self).forwards += 1
+            return super().forward(*a, **k)
+
+        def reshard(self):
+            type(self).reshards += 1
+
+    class Blocks:  # 9 blocks of 8 tokens, batches of 2: rank 0 gets 5 blocks (3 batches), rank 1 4 (2)
+        def __len__(self):
+            return 9
+
+        def batch(self, ids):
+            return torch.as_tensor(ids, dtype=torch.long)[:, None].expand(-1, 8) % 32
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16,
+                                       bos_token_id=0, eos_token_id=0))
+    model.__class__ = CountingSharded  # what fully_shard does to the module it wraps
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2, process_index=1, reduce=lambda t, **k: t)
+    metrics = evaluate(model, Blocks(), 2, acc)
+    assert CountingSharded.forwards == 3 and CountingSharded.reshards == 1
+    assert metrics["eval/tokens"] == 4 * 7  # only rank 1's own 4 blocks are counted

@@ -31,6 +31,9 @@ from common import ROOT, as_overrides, compose, print_result
 CONFIGS = {
     "DDP": (["--multi_gpu"], []),
     "DDP+AC": (["--multi_gpu"], ["trainer.activation_checkpointing=true"]),
+    "FSDP2": (["--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml")], []),
+    "FSDP2+AC": (["--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml")],
+                 ["trainer.activation_checkpointing=true"]),
 }
 
 

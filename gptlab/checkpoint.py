@@ -3,7 +3,10 @@
 A checkpoint is a directory, `run_dir/checkpoints/step_0000100/`, holding Accelerate's
 state (`model.safetensors`, `optimizer.bin`, `random_states_<rank>.pkl` for every
 process, `scaler.pt` under fp16), the resolved `config.yaml`, the `tokenizer/`, the
-model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes).
+model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes,
+layout). Under FSDP the layout is "sharded": the weights and optimizer state are
+torch.distributed.checkpoint directories (`pytorch_model_fsdp_0/`, `optimizer_0/`) with one
+file per process, each written by its own process; no process gathers the model.
 The data loader's position is the step itself: the training order is a pure function of
 (seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
 continue mid-epoch.
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .distributed import is_sharded
 from .preemption import StopSignals
 from .validate import ConfigError, GptlabError, MissingPathError
 
@@ -132,9 +136,18 @@ def read_trainer_state(ckpt) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, ckpt) -> dict:
+def layout(model) -> str:
+    return "sharded" if is_sharded(model) else "full"
+
+
+def load_checkpoint(accelerator, ckpt, model=None) -> dict:
     """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json."""
     state = read_trainer_state(ckpt)
+    have, want = state.get("layout", "full"), layout(model)
+    if have != want:
+        raise CheckpointError(f"{ckpt} holds {have} weights and this run is {want} ("
+                              f"{'an FSDP launch' if want == 'sharded' else 'not FSDP'}): resume it with the launch "
+                              f"that wrote it, or export it (python -m gptlab.export) and fine-tune from there")
     if state.get("world_size") == accelerator.num_processes:
         from accelerate.utils import load
         # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
@@ -255,6 +268,7 @@ class Checkpoints:
             "max_steps": max_steps,
             "epoch": self.order.epoch_at(step),
             "world_size": self.acc.num_processes,
+            "layout": layout(self.model),
             "data_position": {"optimizer_step": step, "seed": self.cfg.seed,
                               "global_batch": tc.micro_batch_size * tc.grad_accum * self.acc.num_processes,
                               "how": DATA_POSITION},
@@ -290,7 +304,7 @@ class Checkpoints:
         for ckpt in candidates:
             err = None
             try:
-                state = load_checkpoint(self.acc, ckpt)
+                state = load_checkpoint(self.acc, ckpt, self.model)
             except Exception as e:  # noqa: BLE001  (truncated or missing files raise many types)
                 err = e
             if _all_true(self.acc, err is None):

@@ -5,6 +5,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate
@@ -62,6 +63,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 accelerator.backward(loss / len(micro))
             step_loss += loss.detach() / len(micro)
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(norm, DTensor):  # FSDP2: the norm over every shard, as a plain tensor on each rank
+            norm = norm.full_tensor()
         try:
             take = guard.check(step_loss, norm, t, accelerator)
         except TrainingHalted as e:

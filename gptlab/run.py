@@ -11,8 +11,9 @@ from .checkpoint import Checkpoints, export_hf, plan_run_dir
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
 from .data.sources import HfSource
-from .distributed import (agree_run_dir, apply_activation_checkpointing, make_accelerator, setup_logging,
-                          wrap_parallel)
+from .distributed import (agree_run_dir, apply_activation_checkpointing, is_sharded, make_accelerator,
+                          prepare_model, setup_logging)
+from .export import export_checkpoint
 from .generate import log_samples
 from .hub import pin_hub_ids
 from .loop import train
@@ -94,7 +95,7 @@ def run(cfg) -> dict:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
-    model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
+    model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
@@ -113,8 +114,10 @@ def run(cfg) -> dict:
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
                       resume_step=start_step if cfg.resume else None)
 
-    def sample(step: int) -> None:  # after every evaluation, on the main process only
-        if main and tc.sample_prompts:
+    sharded = is_sharded(model)
+
+    def sample(step: int) -> None:  # after every evaluation, on the main process (FSDP: on all, in step)
+        if (main or sharded) and tc.sample_prompts:
             log_samples(accelerator.unwrap_model(model), tokenizer, tc.sample_prompts, step, tracker,
                         tc.sample_max_new_tokens, cfg.seed, cfg.generate)
 
@@ -127,7 +130,10 @@ def run(cfg) -> dict:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
         elif main:
             unwrapped = accelerator.unwrap_model(model)
-            export_hf(unwrapped, tokenizer, run_dir / "final")
+            if sharded:  # from the final checkpoint's shards: no process gathers the model
+                export_checkpoint(checkpoints.latest, run_dir / "final")
+            else:
+                export_hf(unwrapped, tokenizer, run_dir / "final")
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
                      result.get("eval/loss", float("nan")), run_dir / "final")

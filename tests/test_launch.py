@@ -38,13 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def launch_env(tmp_path_factory):
     # An empty HF_HOME: no accelerate default_config.yaml of the user's can change a launch.
     return {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf_home"))}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def corpus(tmp_path_factory):
     src = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("launch") / "corpus"
@@ -153,7 +153,7 @@ def reference(tmp_path_factory, corpus, cache_dir, launch_env):
     return SimpleNamespace(run_dir=run_dir, wall_s=wall_s)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def ddp2(tmp_path_factory, corpus, cache_dir, launch_env):
     """cpu_ddp2.yaml (= `--multi_gpu --num_processes 2`), grad_accum=2, NO run_dir, from an empty cwd."""
     cwd = tmp_path_factory.mktemp("ddp2_cwd")
@@ -319,7 +319,7 @@ def test_every_accelerate_config_loads():
     from accelerate.utils import DistributedType
 
     configs = sorted((LAUNCH / "accelerate").glob("*.yaml"))
-    assert {p.stem for p in configs} == {"cpu", "cpu_ddp2", "single_gpu", "multi_gpu", "multi_node"}
+    assert {p.stem for p in configs} == {"cpu", "cpu_ddp2", "single_gpu", "multi_gpu", "multi_node", "fsdp"}
     valid = {t.value for t in DistributedType}
     for path in configs:
         text = path.read_text()
@@ -328,8 +328,12 @@ def test_every_accelerate_config_loads():
         assert raw["distributed_type"] in valid, f"{path.name}: {raw['distributed_type']!r}"
         loaded = load_config_from_file(str(path))  # accelerate's own parser: unknown keys fail
         # MULTI_CPU would start one process without mpirun (see cpu_ddp2.yaml)
-        assert loaded.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
-        assert (loaded.num_processes > 1) == (loaded.distributed_type == DistributedType.MULTI_GPU)
+        assert loaded.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP)
+        assert (loaded.num_processes > 1) == (loaded.distributed_type != DistributedType.NO)
+    fsdp = load_config_from_file(str(LAUNCH / "accelerate" / "fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "GPT2Block"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     multi_node = load_config_from_file(str(LAUNCH / "accelerate" / "multi_node.yaml"))
     assert multi_node.num_machines > 1 and multi_node.main_process_ip and multi_node.main_process_port
 

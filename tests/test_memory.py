@@ -39,13 +39,17 @@ def test_state_bytes_count_parameters_gradients_and_adam_moments_once():
 def test_memory_bench_runs(tmp_path):
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--tiny", "--block", "32",
-                           "--steps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           "--steps", "2", "--configs", "DDP,DDP+AC,FSDP2", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert list(results) == ["DDP", "DDP+AC"]
+    assert list(results) == ["DDP", "DDP+AC", "FSDP2"]
     for r in results.values():
         assert len(r["peak_bytes"]) == 2 and min(r["peak_bytes"]) > 0 and r["tokens_per_s"] > 0
-        assert r["state"][0] == r["state"][1]  # DDP: every process holds the whole state
+        assert r["state"][0] == r["state"][1]  # DDP: every process holds the whole state; FSDP2: equal halves
         assert r["state"][0]["optimizer_state"] > 2 * r["state"][0]["parameters"] > 0
+    whole, shard = results["DDP"]["state"][0], results["FSDP2"]["state"][0]
+    for k in whole:  # dim-0 shards of odd-sized tensors round up: within 1% of half
+        assert whole[k] / 2 <= shard[k] <= whole[k] / 2 * 1.01, (k, whole[k], shard[k])
     assert results["DDP"]["peak_ratio"] == 1.0 and results["DDP+AC"]["speed_ratio"] > 0

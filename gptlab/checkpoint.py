@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .preemption import StopSignals
-from .validate import ConfigError, GptlabError, MissingPathError
+from .errors import CheckpointError, ConfigError, GptlabError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ DATA_POSITION = ("the training order is a pure function of (seed, optimizer step
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that may change between a run and its resumption without a warning.
 _FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
-
-
-class CheckpointError(GptlabError, RuntimeError):
-    """A checkpoint could not be written or read; the message says which one and why."""
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:

@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .validate import ConfigError, fast_cpu_precision
+from .errors import ConfigError
+from .validate import fast_cpu_precision
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from .errors import CheckpointError, ConfigError, MissingPathError
 from .loss import fused_linear_loss
-from .validate import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,6 @@ def load_trained(path, device: str = "cpu") -> Trained:
     A run dir means its final/ export, or its latest complete checkpoint if the run did not
     finish; a checkpoint's model is built from its hf_config/ and loaded with its weights.
     """
-    from .checkpoint import CheckpointError
     from .export import load_checkpoint_model
     from .tokenizer import load_tokenizer
 

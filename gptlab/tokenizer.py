@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from .validate import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
 from .optim import build_optimizer
-from .tokenizer import check_vocab
+from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
 
@@ -49,8 +49,7 @@ def run(cfg) -> dict:
     main = accelerator.is_main_process
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
-    if cfg.model.pretrained_path and not cfg.tokenizer.path:
-        cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
+    cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s%s", run_dir,

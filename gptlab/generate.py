@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -26,6 +27,21 @@ def sampling_kwargs(gen_cfg) -> dict:
     return kw
 
 
+@contextmanager
+def _unpadded(model):
+    """One prompt is never padded, and its attention_mask says so. But generate() drops an
+    all-ones mask (transformers 5), and GPT-2 then warns "We strongly recommend passing in
+    an `attention_mask`" whenever the pad id (here also eos) ends or starts the ids, as
+    every sample after an eos does. The model only guesses padding from config.pad_token_id;
+    generation pads with the pad_token_id passed to it, so hiding the former is safe."""
+    config = model.config
+    pad, config.pad_token_id = config.pad_token_id, None
+    try:
+        yield
+    finally:
+        config.pad_token_id = pad
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int = 0, **sampling) -> list[str]:
     """Prompt plus continuation, one string per returned sequence.
@@ -42,7 +58,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _unpadded(model):
         torch.manual_seed(seed)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad,
                              **({"do_sample": True, "top_k": 50} | sampling))

@@ -6,13 +6,13 @@ import argparse
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from .config import GenerateConfig
+from .model import load_trained, never_padded
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +27,6 @@ def sampling_kwargs(gen_cfg) -> dict:
     return kw
 
 
-@contextmanager
-def _unpadded(model):
-    """One prompt is never padded, and its attention_mask says so. But generate() drops an
-    all-ones mask (transformers 5), and GPT-2 then warns "We strongly recommend passing in
-    an `attention_mask`" whenever the pad id (here also eos) ends or starts the ids, as
-    every sample after an eos does. The model only guesses padding from config.pad_token_id;
-    generation pads with the pad_token_id passed to it, so hiding the former is safe."""
-    config = model.config
-    pad, config.pad_token_id = config.pad_token_id, None
-    try:
-        yield
-    finally:
-        config.pad_token_id = pad
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int = 0, **sampling) -> list[str]:
     """Prompt plus continuation, one string per returned sequence.
@@ -50,6 +35,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     out as text, not as `Ð`-bytes. The global RNG is restored afterwards: sampling in
     the middle of training must not change what the training run draws next.
     """
+    never_padded(model)  # the prompt's mask says it is not padded; transformers drops an all-ones mask
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from the document separator
@@ -58,7 +44,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _unpadded(model):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad,
                              **({"do_sample": True, "top_k": 50} | sampling))
@@ -112,7 +98,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .model import load_trained
 
     trained = load_trained(args.path, args.device)
     model, tokenizer, run_cfg = trained.model, trained.tokenizer, trained.run_cfg

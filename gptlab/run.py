@@ -21,6 +21,8 @@ from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
+# The final metrics next to the hyperparameters in TensorBoard's HParams tab.
+HPARAM_METRICS = ("eval/loss", "eval/perplexity", "train/tokens_per_s")
 
 
 def _save_config(cfg, run_dir: Path) -> None:
@@ -106,6 +108,8 @@ def run(cfg) -> dict:
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
         elif main:
+            tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
+                            {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
             export_hf(unwrapped, tokenizer, run_dir / "final")
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",

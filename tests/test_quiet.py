@@ -28,6 +28,25 @@ def test_sampling_passes_the_attention_mask(prompt, caplog):
     assert not [s for s in said if "attention_mask" in s or "attention mask" in s or "pad token" in s], said
 
 
+
+@requires_shared
+def test_a_block_that_starts_and_ends_with_eos_is_not_taken_for_padding(caplog):
+    """Packed blocks often start or end with eos, which is also the pad id."""
+    import torch
+
+    from conftest import compose
+    from gptlab.model import build_model
+    from gptlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(SHARED / "models" / "tiny-random-gpt2")
+    model = build_model(compose(["debug=smoke"]).model, tok, 16)
+    assert model.config.pad_token_id == tok.eos_token_id  # the export still knows its pad id
+    ids = torch.tensor([[tok.eos_token_id, 11, 12, tok.eos_token_id]])
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.INFO):
+        model(input_ids=ids)
+    assert "attention_mask" not in caplog.text
+
 def test_the_launch_file_the_readme_gives_is_quiet(caplog):
     """Without an accelerate config, launch prints a block of defaults 'not passed';
     `--config_file launch/accelerate/cpu.yaml` (or `accelerate config default`) silences it."""

@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .errors import ConfigError
+from .errors import ConfigError, RunDirBusyError
+from .lock import lock_run_dir
 from .validate import fast_cpu_precision
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,15 @@ def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
             experiment = (hc.runtime.choices.get("experiment") if hc else None) or "default"
             stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             path = _claim_new_dir((Path("outputs") / experiment / stamp).absolute())
-        chosen = [str(path)]
+        try:  # only rank 0 owns the directory; the others learn whether it could
+            lock_run_dir(path)
+            chosen = [str(path)]
+        except RunDirBusyError as e:
+            chosen = [e]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
+    if isinstance(chosen[0], RunDirBusyError):
+        raise chosen[0]
     return Path(chosen[0])
 
 

@@ -12,6 +12,7 @@ from .data.blocks import TrainOrder
 from .data.prepare import prepare
 from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
 from .generate import log_samples
+from .lock import release_run_dirs
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
@@ -44,6 +45,13 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    try:
+        return _run(cfg)
+    finally:
+        release_run_dirs()  # the lock agree_run_dir took, also when the run fails
+
+
+def _run(cfg) -> dict:
     check_config(cfg)
     check_environment(cfg, torch.cuda.is_available())
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work

@@ -185,7 +185,7 @@ def test_two_process_run_writes_one_run_dir(ddp2):
     run_dir = ddp2.run_dir
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_dir.name)
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra", "checkpoints", "final", "metrics.jsonl", "tb", "tokenizer", "train.log"]
+        ".hydra", "checkpoints", "final", "metrics.jsonl", "run.lock", "tb", "tokenizer", "train.log"]
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event stream, from rank 0 only
     rows = read_metrics(run_dir)

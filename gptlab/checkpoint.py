@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from .distributed import is_sharded
 from .preemption import StopSignals
-from .validate import ConfigError, GptlabError, MissingPathError
+from .errors import CheckpointError, ConfigError, GptlabError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that may change between a run and its resumption without a warning.
 _FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir",
                    "trainer.grad_accum"}  # derived per launch; the global batch is checked instead
-
-
-class CheckpointError(GptlabError, RuntimeError):
-    """A checkpoint could not be written or read; the message says which one and why."""
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:

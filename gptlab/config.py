@@ -91,6 +91,10 @@ class TokenizerConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
     special_tokens: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    # BPE training reads at most this much of the train split (an even, deterministic
+    # sample of whole documents): its memory grows with what it reads (~5x). Tokenizing
+    # still covers every document. null reads everything.
+    max_train_bytes: Optional[int] = 512 * 2**20
 
 
 @dataclass

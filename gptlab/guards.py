@@ -11,7 +11,7 @@ from collections import deque
 
 import torch
 
-from .validate import GptlabError
+from .errors import GptlabError
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,21 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .validate import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("cross_entropy", "keytoken")
+
+
+def check_loss_config(lc) -> None:
+    """Before step 1: the loss settings alone."""
+    if lc.name not in LOSSES:
+        raise ConfigError(f"loss.name={lc.name} must be one of {', '.join(LOSSES)}")
+    if lc.alpha <= 0:
+        raise ConfigError(f"loss.alpha={lc.alpha} must be > 0: it scales every sample's weight")
+    if lc.name == "keytoken" and len(lc.keywords) == 0:
+        raise ConfigError("loss=keytoken needs loss.keywords; the list is empty")
 
 
 def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -16,15 +16,18 @@ from .distributed import (agree_run_dir, apply_activation_checkpointing, is_shar
 from .export import export_checkpoint
 from .generate import log_samples
 from .hub import pin_hub_ids
+from .lock import release_run_dirs
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
 from .optim import build_optimizer
-from .tokenizer import check_vocab
+from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
+# The final metrics next to the hyperparameters in TensorBoard's HParams tab.
+HPARAM_METRICS = ("eval/loss", "eval/perplexity", "train/tokens_per_s")
 
 
 def _save_config(cfg, run_dir: Path) -> None:
@@ -52,6 +55,13 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    try:
+        return _run(cfg)
+    finally:
+        release_run_dirs()  # the lock agree_run_dir took, also when the run fails
+
+
+def _run(cfg) -> dict:
     check_config(cfg)
     check_environment(cfg, torch.cuda.is_available())
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
@@ -64,8 +74,8 @@ def run(cfg) -> dict:
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
-        cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
-        cfg.tokenizer.revision = cfg.model.revision
+        cfg.tokenizer.revision = cfg.model.revision  # the model's own tokenizer, never retrained
+    cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config
     # Before the config is saved: the run dir and every checkpoint store the pinned commits.
     pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), datasets=HfSource.reads_repo(cfg.data),
                 previous=_saved_config(run_dir, cfg.resume))
@@ -129,6 +139,8 @@ def run(cfg) -> dict:
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
         elif main:
+            tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
+                            {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
             if sharded:  # from the final checkpoint's shards: no process gathers the model
                 export_checkpoint(checkpoints.latest, run_dir / "final")

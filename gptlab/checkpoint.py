@@ -4,6 +4,9 @@ A checkpoint is a directory, `run_dir/checkpoints/step_0000100/`, holding Accele
 state (`model.safetensors`, `optimizer.bin`, `random_states_<rank>.pkl` for every
 process, `scaler.pt` under fp16), the resolved `config.yaml`, the `tokenizer/`, the
 model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes).
+With LoRA (model.lora.r > 0) `model.safetensors` and `optimizer.bin` hold the adapters
+and their optimizer state only; `trainer_state.json` names the frozen base by path and
+hash (see lora.py), and a resume against other base weights is refused.
 The data loader's position is the step itself: the training order is a pure function of
 (seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
 continue mid-epoch.
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .lora import is_peft, merged_copy, only_trainable, trainable_names
 from .preemption import StopSignals
 from .validate import ConfigError, GptlabError, MissingPathError
 
@@ -36,6 +40,10 @@ _FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
 
 class CheckpointError(GptlabError, RuntimeError):
     """A checkpoint could not be written or read; the message says which one and why."""
+
+
+class BaseMismatchError(CheckpointError):
+    """A LoRA checkpoint and this run disagree on the frozen base model: no older checkpoint can help."""
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:
@@ -99,12 +107,13 @@ def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, t
 def export_hf(model, tokenizer, out_dir: Path) -> Path:
     """save_pretrained (safetensors) plus the tokenizer, loadable by from_pretrained and pipeline().
 
+    LoRA adapters are merged into the weights (of a copy), so the export needs no peft.
     Written to a temporary directory and renamed, like a checkpoint.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     _remove(tmp)
-    model.save_pretrained(str(tmp))
+    (merged_copy(model) if is_peft(model) else model).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     _fsync_tree(tmp)
     _replace_dir(tmp, out_dir)
@@ -131,14 +140,47 @@ def read_trainer_state(ckpt) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, ckpt) -> dict:
-    """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json."""
+def check_lora_base(ckpt, state: dict, lora_base) -> None:
+    """A LoRA checkpoint resumes only onto the base it was trained on, and only as LoRA."""
+    saved = state.get("lora")
+    if saved is None and lora_base is None:
+        return
+    if saved is None or lora_base is None:
+        raise BaseMismatchError(f"{ckpt} {'holds LoRA adapters only' if saved else 'holds a full model'}, but "
+                                f"this run has model.lora.r={'0' if saved else lora_base['r']}: resume it with "
+                                f"the same model.lora settings")
+    if saved["base_sha256"] != lora_base["base_sha256"]:
+        raise BaseMismatchError(f"{ckpt} holds LoRA adapters for the base model {saved['base_path']} "
+                                f"(weights sha256 {saved['base_sha256'][:12]}), but this run's base "
+                                f"{lora_base['base_path']} hashes to {lora_base['base_sha256'][:12]}: resume "
+                                f"with the same model.pretrained_path (and unchanged weights)")
+
+
+def load_checkpoint(accelerator, ckpt, lora_base=None, model=None) -> dict:
+    """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json.
+
+    With LoRA (`lora_base`, this run's base reference, and the prepared `model`) only the
+    adapters are read: the frozen base weights are already in place and must be the checkpoint's.
+    """
     state = read_trainer_state(ckpt)
+    check_lora_base(ckpt, state, lora_base)
     if state.get("world_size") == accelerator.num_processes:
         from accelerate.utils import load
         # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
         load(Path(ckpt) / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
-    accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
+    if lora_base is None:
+        accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
+        return state
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ckpt) / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    # strict=False reads a file that lacks the frozen weights; the keys are checked here instead.
+    expected = set(trainable_names(model))
+    if saved != expected:
+        raise CheckpointError(f"{ckpt}: its adapters do not match this run's model.lora settings: missing "
+                              f"{sorted(expected - saved)[:3]}, unexpected {sorted(saved - expected)[:3]}")
+    accelerator.load_state(str(ckpt), strict=False)
     return state
 
 
@@ -211,8 +253,11 @@ class Checkpoints:
     better one.
     """
 
-    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order):
+    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order, lora_base=None):
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
+        if lora_base is not None:
+            accelerator.register_save_state_pre_hook(only_trainable)
         self.root = Path(run_dir) / "checkpoints"
         self.save_every, self.keep_last = cfg.trainer.save_every, cfg.trainer.keep_last
         self.best = None  # {"step": s, "eval/loss": x}
@@ -259,6 +304,7 @@ class Checkpoints:
                               "how": DATA_POSITION},
             "eval/loss": eval_loss,
             "best": self.best,
+            **({"lora": self.lora_base} if self.lora_base else {}),
         }
         out = save_checkpoint(self.acc, out_dir, step=step, model=self.model, cfg=self.cfg,
                               tokenizer=self.tokenizer, trainer_state=state)
@@ -289,7 +335,9 @@ class Checkpoints:
         for ckpt in candidates:
             err = None
             try:
-                state = load_checkpoint(self.acc, ckpt)
+                state = load_checkpoint(self.acc, ckpt, self.lora_base, self.model)
+            except BaseMismatchError as e:
+                raise CheckpointError(f"resume={spec}: {e}") from None
             except Exception as e:  # noqa: BLE001  (truncated or missing files raise many types)
                 err = e
             if _all_true(self.acc, err is None):

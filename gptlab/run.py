@@ -12,10 +12,11 @@ from .data.blocks import TrainOrder
 from .data.prepare import prepare
 from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
 from .generate import log_samples
+from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
-from .optim import build_optimizer
+from .optim import build_optimizer, optimizer_state_bytes
 from .tokenizer import check_vocab
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
@@ -69,12 +70,19 @@ def run(cfg) -> dict:
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+    lora_base = None
+    if cfg.model.lora.r > 0:  # freeze the model, train adapters; the base is referenced, not checkpointed
+        lora_base = base_reference(model, cfg.model, run_dir, main)
+        model = apply_lora(model, cfg.model.lora)
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
+    n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
+    log.info("parameters: %s trainable of %s (%.3g%%); optimizer state %.1f MiB", f"{n_train:,}", f"{n_all:,}",
+             100 * n_train / n_all, optimizer_state_bytes(optimizer) / 2**20)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
 
@@ -88,7 +96,7 @@ def run(cfg) -> dict:
              "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,

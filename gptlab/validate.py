@@ -97,6 +97,14 @@ def check_config(cfg) -> None:
     _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
     _check_names(cfg)
 
+    from .lora import check_lora_config
+    check_lora_config(mc.lora)
+    # FSDP2 comes with trainer.parallel=fsdp (issue 12); sharding peft's mix of frozen and
+    # trainable parameters is not tested yet.
+    _require(not (mc.lora.r > 0 and tc.parallel == "fsdp"),
+             "model.lora.r>0 with trainer.parallel=fsdp is not supported yet: use ddp (LoRA's optimizer state "
+             "is small) or model.lora.r=0")
+
     from .loss import LOSSES
     lc = cfg.loss
     _require(lc.name in LOSSES, f"loss.name={lc.name} must be one of {', '.join(LOSSES)}")
@@ -177,4 +185,4 @@ def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_di
              f"the validation set has {len(valid_blocks)} blocks of data.block_size={T}, fewer than one batch "
              f"(trainer.micro_batch_size={b} x {num_processes} process(es) = {need}); "
              "give it more data or lower data.block_size")
-    check_disk(run_dir, count_parameters(model))
+    check_disk(run_dir, count_parameters(model, trainable_only=True))  # LoRA checkpoints hold only the adapters

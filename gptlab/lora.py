@@ -13,6 +13,7 @@ import copy
 import hashlib
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,7 +69,10 @@ def apply_lora(model, lc):
     fan_in_fan_out = any(isinstance(m, Conv1D) for m in adapted)
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                         fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 still asks transformers 5 for the deprecated is_gradient_checkpointing.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def weights_sha256(model) -> str:

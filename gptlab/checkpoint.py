@@ -35,7 +35,8 @@ DATA_POSITION = ("the training order is a pure function of (seed, optimizer step
                  "resuming at step s reads exactly the blocks the uninterrupted run reads from s on")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that may change between a run and its resumption without a warning.
-_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
+_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir",
+                   "trainer.grad_accum"}  # derived per launch; the global batch is checked instead
 
 
 class CheckpointError(GptlabError, RuntimeError):
@@ -350,17 +351,45 @@ class Checkpoints:
             raise CheckpointError(f"resume=auto: none of the {len(candidates)} checkpoints in {self.root} "
                                   f"loads (reasons above)")
         step, self.best = state["step"], state.get("best")
+        self._check_global_batch(ckpt, state)
         self._warn_differences(ckpt, state)
+        if state.get("world_size") != self.acc.num_processes:
+            self._continue_elastic(ckpt, state, step)
         self._supersede_after(step)
         log.info("resumed from %s: step %d, epoch %.2f, best eval/loss %s", ckpt, step, state.get("epoch", 0.0),
                  self.best and f"{self.best['eval/loss']:.4f} at step {self.best['step']}")
         return step
 
+    def _check_global_batch(self, ckpt, state) -> None:
+        """The data order and the optimizer's trajectory continue only with the same global batch."""
+        tc = self.cfg.trainer
+        then = state.get("data_position", {}).get("global_batch")
+        now = tc.micro_batch_size * tc.grad_accum * self.acc.num_processes
+        if then is not None and then != now:
+            raise ConfigError(f"resume: {ckpt} was trained with a global batch of {then} sequences, this run's is "
+                              f"{now} (micro {tc.micro_batch_size} x accum {tc.grad_accum} x "
+                              f"{self.acc.num_processes} process(es)); set trainer.global_batch_size={then} to "
+                              f"continue it (grad_accum is derived), or start a new run_dir for another batch")
+
+    def _continue_elastic(self, ckpt, state, step: int) -> None:
+        """Another process count, same global batch: same data, weights, optimizer and schedule.
+
+        Per-process RNG streams have no counterpart on another count, and Accelerate would
+        restore rank r's stream where the checkpoint has one and silently keep the fresh one
+        elsewhere; every rank is re-seeded from (seed, step, rank) instead, so the run stays
+        reproducible.
+        """
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed + 1_000_003 * step, device_specific=True)
+        log.info("elastic resume: %s was written by %s process(es), this run has %d; same global batch, so the "
+                 "same data order; model, optimizer and schedule restored, RNG re-seeded from (seed, step, rank)",
+                 ckpt, state.get("world_size"), self.acc.num_processes)
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            log.warning("dropout is on: its masks cannot match the uninterrupted run's on another process count, "
+                        "so the resumed curve agrees with it statistically, not exactly; continuing")
+
     def _warn_differences(self, ckpt, state) -> None:
-        if state.get("world_size") != self.acc.num_processes:
-            log.warning("%s was written by %s process(es), this run has %d: RNG streams are not restored "
-                        "and the data order matches only if the global batch is the same",
-                        ckpt, state.get("world_size"), self.acc.num_processes)
         try:
             then = _flatten(OmegaConf.to_container(OmegaConf.load(Path(ckpt) / "config.yaml"), resolve=True))
         except OSError:

@@ -119,7 +119,12 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     micro_batch_size: int = 8
-    grad_accum: int = 1
+    # Sequences per optimizer step over all processes; null: micro_batch_size x grad_accum x processes.
+    # When set, grad_accum is derived from it and the process count (the same recipe on 1 or 8 GPUs).
+    global_batch_size: Optional[int] = None
+    # Micro-steps per optimizer step; null: derived from global_batch_size, or 1 without it.
+    # Given explicitly next to global_batch_size, it must agree with it.
+    grad_accum: Optional[int] = None
     max_steps: int = 300
     # When set, overrides max_steps with the optimizer steps that make this many epochs.
     epochs: Optional[int] = None
@@ -142,6 +147,9 @@ class TrainerConfig:
     cpu_threads: Optional[int] = None
     # torch.compile the repeated transformer blocks (see model.compile_blocks).
     compile: bool = False
+    # Recompute each transformer block in the backward pass instead of keeping its activations
+    # (non-reentrant torch.utils.checkpoint): far less activation memory for about a third more compute.
+    activation_checkpointing: bool = False
     # TensorFloat-32 matmuls on CUDA GPUs that have it; no effect on CPU.
     tf32: bool = True
     # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.

@@ -84,6 +84,22 @@ def wrap_parallel(model, parallel: str):
     return DataParallelLM(model)
 
 
+def apply_activation_checkpointing(model, enabled: bool) -> None:
+    """trainer.activation_checkpointing: every transformer block of the HF model recomputed in backward.
+
+    Transformers' own switch (non-reentrant torch.utils.checkpoint around each block's forward,
+    so hooks such as DDP's or FSDP2's stay outside it, and dropout masks are replayed from the
+    saved RNG state). Blocks then receive use_cache=False, which training passes anyway.
+    """
+    if not enabled:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support "
+                          "activation checkpointing; set trainer.activation_checkpointing=false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    log.info("activation checkpointing: each transformer block is recomputed in the backward pass")
+
+
 def _hydra_config():
     """Hydra's runtime config under @hydra.main; None when composed by hand (tests, notebooks)."""
     from hydra.core.hydra_config import HydraConfig

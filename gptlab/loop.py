@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import evaluate
 from .flops import MFU
+from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
 from .optim import lr_at
@@ -35,6 +36,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     # With trainer.epochs, each epoch's mean train loss and the test loss at its end.
     epoch_loss_sum = torch.zeros((), device=device)
     epoch_steps, evaluated_at = 0, None
+    sized = None  # the training state's bytes per process, logged after the first update
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -72,6 +74,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             epoch_loss_sum += step_loss
             kept += 1
             epoch_steps += 1
+            if not sized:  # gradients and moments exist now, before zero_grad
+                sized = log_state_bytes(model, optimizer, accelerator.num_processes)
         else:  # a skipped update leaves the weights and the optimizer state as they were
             guard.skip_update(accelerator)
         optimizer.zero_grad(set_to_none=True)

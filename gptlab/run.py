@@ -8,9 +8,10 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpoints, export_hf, plan_run_dir
-from .data.blocks import TrainOrder
+from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
-from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
+from .distributed import (agree_run_dir, apply_activation_checkpointing, make_accelerator, setup_logging,
+                          wrap_parallel)
 from .generate import log_samples
 from .lora import apply_lora, base_reference
 from .loop import train
@@ -48,6 +49,10 @@ def run(cfg) -> dict:
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
+    tc = cfg.trainer
+    # Resolved here, once, for this launch's process count; the saved config records the value used.
+    tc.grad_accum = plan_grad_accum(tc.micro_batch_size, accelerator.num_processes, tc.global_batch_size,
+                                    tc.grad_accum)
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
@@ -77,6 +82,7 @@ def run(cfg) -> dict:
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
@@ -86,14 +92,15 @@ def run(cfg) -> dict:
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
 
-    tc = cfg.trainer
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     max_steps = resolve_max_steps(tc, order)
     check_warmup(cfg.scheduler.warmup_steps, max_steps)
     global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
-    log.info("global batch %d = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
-             "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,
+    log.info("global batch %d%s = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
+             "%d steps (%.2f epochs)", global_batch,
+             " (trainer.global_batch_size; grad_accum derived)" if tc.global_batch_size else "",
+             tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
     checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order, lora_base)

@@ -31,6 +31,8 @@ from common import ROOT, as_overrides, compose, print_result
 CONFIGS = {
     "DDP": (["--multi_gpu"], []),
     "DDP+AC": (["--multi_gpu"], ["trainer.activation_checkpointing=true"]),
+    "DDP+LoRA16": (["--multi_gpu"], ["model.lora.r=16"]),
+    "DDP+AC+LoRA16": (["--multi_gpu"], ["trainer.activation_checkpointing=true", "model.lora.r=16"]),
 }
 
 

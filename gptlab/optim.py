@@ -40,19 +40,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 OPTIMIZERS = ("adamw", "adam", "adafactor")
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """The state the optimizer holds once it has stepped: Adam's two moments per parameter,
-    Adafactor's row and column factors per matrix (a full second moment for vectors)."""
-    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-    total = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if adam:
-                total += 2 * p.numel() * p.element_size()
-            else:
-                total += (sum(p.shape[-2:]) if p.ndim >= 2 else p.numel()) * 4
-    return total
-
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)

@@ -17,7 +17,7 @@ from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
-from .optim import build_optimizer, optimizer_state_bytes
+from .optim import build_optimizer
 from .tokenizer import check_vocab
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
@@ -87,8 +87,8 @@ def run(cfg) -> dict:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
     n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
-    log.info("parameters: %s trainable of %s (%.3g%%); optimizer state %.1f MiB", f"{n_train:,}", f"{n_all:,}",
-             100 * n_train / n_all, optimizer_state_bytes(optimizer) / 2**20)
+    # (the optimizer state's bytes are logged after step 1, when the moments exist: footprint.py)
+    log.info("parameters: %s trainable of %s (%.3g%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
 

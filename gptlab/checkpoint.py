@@ -172,16 +172,20 @@ def load_checkpoint(accelerator, ckpt, lora_base=None, model=None) -> dict:
     if lora_base is None:
         accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
         return state
-    from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    with safe_open(str(Path(ckpt) / "model.safetensors"), "pt") as f:
-        saved = set(f.keys())
-    # strict=False reads a file that lacks the frozen weights; the keys are checked here instead.
-    expected = set(trainable_names(model))
-    if saved != expected:
+    from .export import _strip_wrappers
+
+    # By the unwrapped names: a checkpoint written under DDP ("module.") resumes on one process too.
+    adapters = {_strip_wrappers(k): v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
+    inner = accelerator.unwrap_model(model)
+    expected = set(trainable_names(inner))
+    if set(adapters) != expected:
         raise CheckpointError(f"{ckpt}: its adapters do not match this run's model.lora settings: missing "
-                              f"{sorted(expected - saved)[:3]}, unexpected {sorted(saved - expected)[:3]}")
-    accelerator.load_state(str(ckpt), strict=False)
+                              f"{sorted(expected - set(adapters))[:3]}, "
+                              f"unexpected {sorted(set(adapters) - expected)[:3]}")
+    accelerator.load_state(str(ckpt), strict=False)  # the optimizer, RNG and scaler; the file lacks the frozen base
+    inner.load_state_dict(adapters, strict=False)
     return state
 
 

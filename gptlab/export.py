@@ -60,7 +60,8 @@ def _load_lora(ckpt, lora: dict, adapters: dict):
     expected = set(trainable_names(model))
     if set(adapters) != expected:
         raise CheckpointError(f"{ckpt}: the adapters do not match its model.lora settings: missing "
-                              f"{sorted(expected - set(adapters))[:3]}, unexpected {sorted(set(adapters) - expected)[:3]}")
+                              f"{sorted(expected - set(adapters))[:3]}, "
+                              f"unexpected {sorted(set(adapters) - expected)[:3]}")
     model.load_state_dict(adapters, strict=False)
     return model
 

@@ -10,6 +10,7 @@ a GptlabError as one line and exits non-zero.
 """
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -99,11 +100,6 @@ def check_config(cfg) -> None:
 
     from .lora import check_lora_config
     check_lora_config(mc.lora)
-    # FSDP2 comes with trainer.parallel=fsdp (issue 12); sharding peft's mix of frozen and
-    # trainable parameters is not tested yet.
-    _require(not (mc.lora.r > 0 and tc.parallel == "fsdp"),
-             "model.lora.r>0 with trainer.parallel=fsdp is not supported yet: use ddp (LoRA's optimizer state "
-             "is small) or model.lora.r=0")
 
     from .loss import LOSSES
     lc = cfg.loss
@@ -140,6 +136,12 @@ def check_environment(cfg, cuda: bool) -> None:
     if cuda and mp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ConfigError(f"trainer.mixed_precision=bf16: {torch.cuda.get_device_name()} has no native bf16; "
                           "use fp16 or no")
+    # An FSDP launch (launch/accelerate/fsdp.yaml) sets this; sharding peft's mix of frozen and
+    # trainable parameters is not tested yet.
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    _require(not (fsdp and cfg.model.lora.r > 0),
+             "model.lora.r>0 under an FSDP launch is not supported yet: launch with DDP (LoRA's gradients and "
+             "optimizer state are small), or set model.lora.r=0")
     check_writable("run_dir", cfg.run_dir or "outputs")
     check_writable("cache_dir", cfg.cache_dir)
 

@@ -39,7 +39,7 @@ def test_state_bytes_count_parameters_gradients_and_adam_moments_once():
 def test_memory_bench_runs(tmp_path):
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--tiny", "--block", "32",
-                           "--steps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           "--configs", "DDP,DDP+AC", "--steps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]

@@ -52,7 +52,10 @@ def base_of(model):
 
 def apply_lora(model, lc):
     """Freeze `model` and wrap it in a peft model with LoRA adapters on `lc.target_modules`."""
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError(f"model.lora.r={lc.r} needs peft: pip install peft==0.21.2 (or 'gptlab[lora]')") from None
     from transformers.pytorch_utils import Conv1D
 
     modules = dict(model.named_modules())

@@ -202,6 +202,41 @@ def test_only_adapters_are_in_the_optimizer_and_get_gradients_with_the_fused_key
     assert sizes["gradients"] == 4 * n_lora and sizes["optimizer_state"] == 8 * n_lora + 4 * len(lora)
 
 
+def test_lora_on_another_architecture_merges_exactly():
+    """Any causal LM: a Llama with nn.Linear projections (no fan_in_fan_out), named by target_modules."""
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptlab.lora import apply_lora, merged_copy
+    from gptlab.model import forward_loss
+    from gptlab.loss import cross_entropy_loss, LMLoss, _mean_weights
+    from gptlab.validate import ConfigError
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    lc = OmegaConf.create({"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["c_attn"]})
+    with pytest.raises(ConfigError, match="no module named 'c_attn'; its linear layers are named down_proj, "
+                                          "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        apply_lora(base, lc)
+    lc.target_modules = ["q_proj", "v_proj"]
+    model = apply_lora(base, lc).eval()
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == 4 and not any(m.fan_in_fan_out for m in adapted)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = forward_loss(model, x, LMLoss(cross_entropy_loss, _mean_weights))  # the logits path
+    loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == \
+        {n for n, _ in model.named_parameters() if "lora_" in n}
+    merged = merged_copy(model)
+    assert type(merged) is LlamaForCausalLM and not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, model(input_ids=x).logits, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def resume_base(trained_run, cache_dir, tiny_corpus):
     return [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",

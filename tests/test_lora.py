@@ -313,6 +313,22 @@ def test_bad_lora_input_fails_before_step_1(tmp_path, trained_run, resume_base, 
         run_training([*args, "resume=auto", "model.lora.r=0"])
 
 
+def test_lora_from_scratch_keeps_its_random_base_once(tmp_path, cache_dir, tiny_corpus):
+    from safetensors.torch import load_file
+
+    from gptlab.export import export_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_training([f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]",
+                  "data.valid_fraction=0.2", "tokenizer.vocab_size=384", "model.lora.r=4", "trainer.max_steps=2",
+                  "trainer.sample_prompts=[]"])
+    state = json.loads((run_dir / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    assert state["lora"]["base_path"] == str(run_dir / "lora_base")
+    export_checkpoint(run_dir, tmp_path / "exp")  # the base comes back from lora_base/, hash checked
+    a, b = (load_file(str(d / "model.safetensors")) for d in (run_dir / "final", tmp_path / "exp"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_is_off_by_default():
     cfg = compose([])
     assert cfg.model.lora.r == 0 and list(cfg.model.lora.target_modules) == ["c_attn", "c_proj", "c_fc"]

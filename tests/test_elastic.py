@@ -129,7 +129,7 @@ def test_two_processes_and_elastic_resume_follow_the_one_process_curve(tmp_path,
     assert "written by 1 process(es), this run has 2" in log and "activation checkpointing: each" in log
 
 
-def test_elastic_resume_with_dropout_says_the_masks_cannot_match(tmp_path, base, cache_dir, one_proc):
+def test_elastic_resume_with_dropout_says_the_masks_cannot_match(tmp_path, base, one_proc):
     """A checkpoint written as if by 2 processes, resumed on 1 with dropout on: one line, and it continues."""
     import json
 

@@ -40,7 +40,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 OPTIMIZERS = ("adamw", "adam", "adafactor")
 
 
-
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.

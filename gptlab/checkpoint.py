@@ -7,6 +7,9 @@ model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file
 layout). Under FSDP the layout is "sharded": the weights and optimizer state are
 torch.distributed.checkpoint directories (`pytorch_model_fsdp_0/`, `optimizer_0/`) with one
 file per process, each written by its own process; no process gathers the model.
+With LoRA (model.lora.r > 0) `model.safetensors` and `optimizer.bin` hold the adapters
+and their optimizer state only; `trainer_state.json` names the frozen base by path and
+hash (see lora.py), and a resume against other base weights is refused.
 The data loader's position is the step itself: the training order is a pure function of
 (seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
 continue mid-epoch.
@@ -24,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .distributed import is_sharded
+from .lora import is_peft, merged_copy, only_trainable, trainable_names
 from .preemption import StopSignals
 from .errors import CheckpointError, ConfigError, GptlabError, MissingPathError
 
@@ -37,6 +41,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that may change between a run and its resumption without a warning.
 _FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir",
                    "trainer.grad_accum"}  # derived per launch; the global batch is checked instead
+
+
+class BaseMismatchError(CheckpointError):
+    """A LoRA checkpoint and this run disagree on the frozen base model: no older checkpoint can help."""
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:
@@ -100,12 +108,13 @@ def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, t
 def export_hf(model, tokenizer, out_dir: Path) -> Path:
     """save_pretrained (safetensors) plus the tokenizer, loadable by from_pretrained and pipeline().
 
+    LoRA adapters are merged into the weights (of a copy), so the export needs no peft.
     Written to a temporary directory and renamed, like a checkpoint.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     _remove(tmp)
-    model.save_pretrained(str(tmp))
+    (merged_copy(model) if is_peft(model) else model).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     _fsync_tree(tmp)
     _replace_dir(tmp, out_dir)
@@ -136,20 +145,63 @@ def layout(model) -> str:
     return "sharded" if is_sharded(model) else "full"
 
 
-def load_checkpoint(accelerator, ckpt, model=None) -> dict:
-    """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json."""
+def check_lora_base(ckpt, state: dict, lora_base) -> None:
+    """A LoRA checkpoint resumes only onto the base it was trained on, and only as LoRA."""
+    saved = state.get("lora")
+    if saved is None and lora_base is None:
+        return
+    if saved is None or lora_base is None:
+        raise BaseMismatchError(f"{ckpt} {'holds LoRA adapters only' if saved else 'holds a full model'}, but "
+                                f"this run has model.lora.r={'0' if saved else lora_base['r']}: resume it with "
+                                f"the same model.lora settings")
+    if saved["base_sha256"] != lora_base["base_sha256"]:
+        raise BaseMismatchError(f"{ckpt} holds LoRA adapters for the base model {saved['base_path']} "
+                                f"(weights sha256 {saved['base_sha256'][:12]}), but this run's base "
+                                f"{lora_base['base_path']} hashes to {lora_base['base_sha256'][:12]}: resume "
+                                f"with the same model.pretrained_path (and unchanged weights)")
+
+
+def load_checkpoint(accelerator, ckpt, model=None, lora_base=None) -> dict:
+    """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json.
+
+    With LoRA (`lora_base`, this run's base reference, and the prepared `model`) only the
+    adapters are read: the frozen base weights are already in place and must be the checkpoint's.
+    """
     state = read_trainer_state(ckpt)
     have, want = state.get("layout", "full"), layout(model)
     if have != want:
         raise CheckpointError(f"{ckpt} holds {have} weights and this run is {want} ("
                               f"{'an FSDP launch' if want == 'sharded' else 'not FSDP'}): resume it with the launch "
                               f"that wrote it, or export it (python -m gptlab.export) and fine-tune from there")
+    check_lora_base(ckpt, state, lora_base)
     if state.get("world_size") == accelerator.num_processes:
         from accelerate.utils import load
         # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
         load(Path(ckpt) / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
-    accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
+    if lora_base is None:
+        accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
+        return state
+    from safetensors.torch import load_file
+
+    # By the unwrapped names: a checkpoint written under DDP ("module.") resumes on one process too.
+    adapters = {strip_wrappers(k): v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
+    inner = accelerator.unwrap_model(model)
+    expected = set(trainable_names(inner))
+    if set(adapters) != expected:
+        raise CheckpointError(f"{ckpt}: its adapters do not match this run's model.lora settings: missing "
+                              f"{sorted(expected - set(adapters))[:3]}, "
+                              f"unexpected {sorted(set(adapters) - expected)[:3]}")
+    accelerator.load_state(str(ckpt), strict=False)  # the optimizer, RNG and scaler; the file lacks the frozen base
+    inner.load_state_dict(adapters, strict=False)
     return state
+
+
+def strip_wrappers(key: str) -> str:
+    # Accelerate saves the prepared model: DDP adds "module.", torch.compile "_orig_mod.".
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
 
 
 def find_checkpoint(path) -> Path:
@@ -221,8 +273,11 @@ class Checkpoints:
     better one.
     """
 
-    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order):
+    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order, lora_base=None):
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
+        if lora_base is not None:
+            accelerator.register_save_state_pre_hook(only_trainable)
         self.root = Path(run_dir) / "checkpoints"
         self.save_every, self.keep_last = cfg.trainer.save_every, cfg.trainer.keep_last
         self.best = None  # {"step": s, "eval/loss": x}
@@ -270,6 +325,7 @@ class Checkpoints:
                               "how": DATA_POSITION},
             "eval/loss": eval_loss,
             "best": self.best,
+            **({"lora": self.lora_base} if self.lora_base else {}),
         }
         out = save_checkpoint(self.acc, out_dir, step=step, model=self.model, cfg=self.cfg,
                               tokenizer=self.tokenizer, trainer_state=state)
@@ -300,7 +356,9 @@ class Checkpoints:
         for ckpt in candidates:
             err = None
             try:
-                state = load_checkpoint(self.acc, ckpt, self.model)
+                state = load_checkpoint(self.acc, ckpt, self.model, self.lora_base)
+            except BaseMismatchError as e:
+                raise CheckpointError(f"resume={spec}: {e}") from None
             except Exception as e:  # noqa: BLE001  (truncated or missing files raise many types)
                 err = e
             if _all_true(self.acc, err is None):

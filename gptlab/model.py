@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from .hub import is_commit, is_hub_id, resolve
 from .errors import CheckpointError, ConfigError, MissingPathError
+from .lora import base_of
 from .loss import fused_linear_loss
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,10 @@ def load_trained(path, device: str = "cpu") -> Trained:
                    run_config(path))
 
 
-def count_parameters(model) -> int:
+def count_parameters(model, trainable_only: bool = False) -> int:
     """Unique parameters: GPT-2 ties the LM head to the token embedding."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
+               if p.requires_grad or not trainable_only)
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -209,9 +211,10 @@ def forward_loss(model, input_ids: torch.Tensor, loss_fn) -> torch.Tensor:
     For GPT-2 the model stops at the final hidden states and the LM head is fused into
     the loss (see loss.fused_linear_loss); any other model computes its logits.
     The call still goes through the wrapped model, so DDP and autocast see it; no KV
-    cache is built, as HF models otherwise do in training too.
+    cache is built, as HF models otherwise do in training too. Under LoRA the peft wrapper
+    passes the call through to the GPT-2 inside, whose (frozen) head the fused loss reads.
     """
-    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    inner = base_of(extract_model_from_parallel(model, keep_torch_compile=False))
     if not isinstance(inner, GPT2LMHeadModel) or not hasattr(loss_fn, "token_weights"):
         return loss_fn(model(input_ids=input_ids, use_cache=False).logits, input_ids)
     no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)

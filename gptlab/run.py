@@ -17,6 +17,7 @@ from .export import export_checkpoint
 from .generate import log_samples
 from .hub import pin_hub_ids
 from .lock import release_run_dirs
+from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
@@ -97,6 +98,10 @@ def _run(cfg) -> dict:
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+    lora_base = None
+    if cfg.model.lora.r > 0:  # freeze the model, train adapters; the base is referenced, not checkpointed
+        lora_base = base_reference(model, cfg.model, run_dir, main)
+        model = apply_lora(model, cfg.model.lora)
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
@@ -104,6 +109,9 @@ def _run(cfg) -> dict:
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
+    n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
+    # (the optimizer state's bytes are logged after step 1, when the moments exist: footprint.py)
+    log.info("parameters: %s trainable of %s (%.3g%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
@@ -118,7 +126,7 @@ def _run(cfg) -> dict:
              tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,

@@ -12,6 +12,7 @@ is called from here, so imports run one way: run -> validate -> stages -> errors
 """
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +21,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from .distributed import fsdp_asked
 from .errors import ConfigError, GptlabError, MissingPathError  # noqa: F401  (their old home; still importable here)
+from .lora import check_lora_config
 from .loss import check_loss_config
 from .model import check_block_size, count_parameters
 from .optim import build_optimizer, lr_at
@@ -91,6 +94,7 @@ def check_config(cfg) -> None:
     _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
     _check_names(cfg)
     check_loss_config(cfg.loss)
+    check_lora_config(mc.lora)
 
 
 def _check_names(cfg) -> None:
@@ -110,6 +114,11 @@ def check_environment(cfg, cuda: bool) -> None:
     if cuda and mp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ConfigError(f"trainer.mixed_precision=bf16: {torch.cuda.get_device_name()} has no native bf16; "
                           "use fp16 or no")
+    # An FSDP launch (launch/accelerate/fsdp.yaml) sets this; sharding peft's mix of frozen and
+    # trainable parameters is not tested yet.
+    _require(not (fsdp_asked() and cfg.model.lora.r > 0),
+             "model.lora.r>0 under an FSDP launch is not supported yet: launch with DDP (LoRA's gradients and "
+             "optimizer state are small), or set model.lora.r=0")
     check_writable("run_dir", cfg.run_dir or "outputs")
     check_writable("cache_dir", cfg.cache_dir)
 
@@ -153,4 +162,4 @@ def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_di
              f"the validation set has {len(valid_blocks)} blocks of data.block_size={T}, fewer than one batch "
              f"(trainer.micro_batch_size={b} x {num_processes} process(es) = {need}); "
              "give it more data or lower data.block_size")
-    check_disk(run_dir, count_parameters(model))
+    check_disk(run_dir, count_parameters(model, trainable_only=True))  # LoRA checkpoints hold only the adapters

@@ -11,7 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from .checkpoint import CheckpointError, export_hf, find_checkpoint, read_trainer_state, strip_wrappers
+from .checkpoint_io import CheckpointError, export_hf, find_checkpoint, read_trainer_state, strip_wrappers
 from .lora import is_peft, merged_copy
 
 log = logging.getLogger(__name__)

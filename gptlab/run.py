@@ -7,7 +7,8 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .checkpoint import Checkpoints, export_hf, plan_run_dir
+from .checkpoint import Checkpoints, plan_run_dir
+from .checkpoint_io import export_hf
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
 from .data.sources import HfSource

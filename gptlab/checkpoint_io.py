@@ -54,7 +54,6 @@ def list_checkpoints(run_dir) -> list:
     return [p for _, p in sorted(found)]
 
 
-
 def step_of(ckpt) -> int:
     """The step of a step_* directory."""
     return int(_STEP_DIR.match(Path(ckpt).name).group(1))
@@ -223,6 +222,7 @@ def find_checkpoint(path) -> Path:
 # ---------------------------------------------------------------------------- across processes
 
 def all_true(accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process; every process gets the same answer."""
     if accelerator.num_processes == 1:
         return ok
     flag = torch.tensor([float(ok)], device=accelerator.device)

@@ -60,8 +60,10 @@ def test_mixed_precision_tracks_fp32(curves, precision):
 # paths round the same low-precision logits; the gradients differ in where they round
 # (the fused path scales each row before its cast), so they agree to the dtype's
 # precision: relative L2 error under 2e-2 for bf16 (8 bits), 4e-3 for fp16 (11 bits).
-# fp16 backpropagates a loss scaled by 2^16, as the GradScaler does: unscaled, the logits'
-# gradients (~w·softmax ~ 1e-8) would flush to zero in the logits path.
+# fp16 backpropagates a scaled loss, as under the GradScaler: unscaled, the logits path
+# flushes the small entries of the logits' gradient (w·softmax ~ 1e-8) to zero; at the
+# scaler's initial 2^16 its fp16 weight gradient overflows under the keytoken weights
+# (the scaler would halve the scale); 2^10 is where it settles for this shape.
 FUSED_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-3, 2e-2), torch.float16: (5e-4, 4e-3)}
 
 
@@ -88,7 +90,7 @@ def test_fused_loss_equals_logits_path_under_autocast(dtype, loss_name, no_tf32)
     ids[:, ::5] = 7  # key tokens in every sample, unevenly weighted by the keytoken loss
     ids[0, ::3] = 3
     loss_fn = _losses(dev)[loss_name]
-    results, scale = [], 2.0 ** 16 if dtype == torch.float16 else 1.0
+    results, scale = [], 2.0 ** 10 if dtype == torch.float16 else 1.0
     for fused in (False, True):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):

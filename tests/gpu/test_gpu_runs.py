@@ -113,7 +113,7 @@ def test_step_guard_on_the_device_costs_no_sync(tmp_path, cache_dir, tiny_corpus
     """
     common = ["trainer.max_steps=120", "trainer.log_every=20", "trainer.eval_every=1000", "trainer.save_every=0",
               "model.n_layer=2", "model.n_embd=128", "model.n_head=4", "trainer.micro_batch_size=8",
-              "trainer.mixed_precision=bf16"]
+              "trainer.mixed_precision=no"]
     speed, final = {}, {}
     for path, extra in (("host", ["trainer.spike_zscore=1e9", "trainer.spike_window=1000"]), ("device", [])):
         run_dir = tmp_path / path
@@ -122,5 +122,5 @@ def test_step_guard_on_the_device_costs_no_sync(tmp_path, cache_dir, tiny_corpus
         speed[path], final[path] = statistics.median(rates), result["train/loss"]
     report("guard_step_time", host_tokens_per_s=speed["host"], device_tokens_per_s=speed["device"],
            ratio=speed["device"] / speed["host"])
-    assert abs(final["device"] - final["host"]) < 1e-3  # the same training, bf16 atomics aside
+    assert abs(final["device"] - final["host"]) < 1e-3  # the same training (CUDA atomics aside)
     assert speed["device"] > 0.9 * speed["host"], speed  # never a cost; the gain is the ratio reported

@@ -52,3 +52,17 @@ def test_dry_run_with_the_downloaded_wheels_resolves_them_for_python_312(tmp_pat
     proc, _ = dry_run(tmp_path, ROOT / ".wheels")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"wheels: pip resolves {' '.join(PINS)} from them for Python 3.12" in proc.stdout
+
+
+def test_liger_bench_runs_on_cpu_with_gptlab_paths_only(tmp_path):
+    import json
+
+    out = tmp_path / "liger.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "liger_loss.py"), "--tokens", "256", "--dim", "32",
+                           "--vocab", "512", "--dtype", "fp32", "--repeats", "1", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result["liger"] and sorted(result["rows"]) == ["gptlab_fused", "logits"]  # liger needs CUDA
+    rows = result["rows"]
+    assert abs(rows["gptlab_fused"]["loss"] - rows["logits"]["loss"]) < 1e-5  # the same loss, two ways

@@ -154,7 +154,10 @@ for name in ("bf16_eager", "bf16_compiled", "fp16_codeparrot"):
     if r:
         print(f"{name:16} {r['tokens_per_s']:10.0f} {r['logged_mfu']:7.1%} {r['peak_mem_gib']:9.1f}")
     else:
-        print(f"{name:16} {'failed: exit ' + str(summary['stages'].get(name, {}).get('exit')):>28}")
+        st = summary["stages"].get(name, {})
+        why = ("not run (budget spent)" if st.get("seconds") == 0 else "timed out") if st.get("exit") == 124 \
+            else f"failed: exit {st.get('exit')}"
+        print(f"{name:16} {why:>28}")
 for name, r in (summary["liger"] or {}).items():
     peak = f"{r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "-"
     print(f"loss {name:12} {r['ms']:8.2f} ms fwd+bwd, peak {peak}")

@@ -45,7 +45,7 @@ class StepGuard:
         self.in_a_row = 0
         self.on_device = spike_zscore is None and optimizer is not None and _has_found_inf(optimizer)
         self._taken = 0  # updates taken since the last flush
-        self._pending = []  # device path: (loss, grad norm, rejected) per step since the last flush
+        self._pending = []  # device path: ([loss, grad norm, rejected] on the device, step) since the last flush
         self._run = self._frozen = None  # device path: skips in a row; no update after a halt
 
     @classmethod

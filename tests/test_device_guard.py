@@ -93,3 +93,12 @@ def test_found_inf_under_a_grad_scaler():
         opt.zero_grad()
         assert (not torch.equal(before, p.detach())) == moved and scaler.get_scale() == scale
     assert opt.state[p]["step"].item() == 1  # the rejected update did not count
+
+
+def test_which_path_the_guard_takes():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    fused, plain = torch.optim.AdamW(p, fused=True), torch.optim.AdamW(p, foreach=False)
+    assert StepGuard(optimizer=fused).on_device and StepGuard(optimizer=torch.optim.Adam(p, fused=True)).on_device
+    assert not StepGuard(optimizer=plain).on_device  # no found_inf in the unfused kernels
+    assert not StepGuard(optimizer=fused, spike_zscore=3.0).on_device  # spikes need the losses on the host
+    assert not StepGuard().on_device

@@ -3,7 +3,10 @@
 A checkpoint is a directory, `run_dir/checkpoints/step_0000100/`, holding Accelerate's
 state (`model.safetensors`, `optimizer.bin`, `random_states_<rank>.pkl` for every
 process, `scaler.pt` under fp16), the resolved `config.yaml`, the `tokenizer/`, the
-model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes).
+model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes,
+layout). Under FSDP the layout is "sharded": the weights and optimizer state are
+torch.distributed.checkpoint directories (`pytorch_model_fsdp_0/`, `optimizer_0/`) with one
+file per process, each written by its own process; no process gathers the model.
 The data loader's position is the step itself: the training order is a pure function of
 (seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
 continue mid-epoch.
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .distributed import is_sharded
 from .preemption import StopSignals
 from .validate import ConfigError, GptlabError, MissingPathError
 
@@ -31,7 +35,8 @@ DATA_POSITION = ("the training order is a pure function of (seed, optimizer step
                  "resuming at step s reads exactly the blocks the uninterrupted run reads from s on")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that may change between a run and its resumption without a warning.
-_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
+_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir",
+                   "trainer.grad_accum"}  # derived per launch; the global batch is checked instead
 
 
 class CheckpointError(GptlabError, RuntimeError):
@@ -131,9 +136,18 @@ def read_trainer_state(ckpt) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, ckpt) -> dict:
+def layout(model) -> str:
+    return "sharded" if is_sharded(model) else "full"
+
+
+def load_checkpoint(accelerator, ckpt, model=None) -> dict:
     """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json."""
     state = read_trainer_state(ckpt)
+    have, want = state.get("layout", "full"), layout(model)
+    if have != want:
+        raise CheckpointError(f"{ckpt} holds {have} weights and this run is {want} ("
+                              f"{'an FSDP launch' if want == 'sharded' else 'not FSDP'}): resume it with the launch "
+                              f"that wrote it, or export it (python -m gptlab.export) and fine-tune from there")
     if state.get("world_size") == accelerator.num_processes:
         from accelerate.utils import load
         # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
@@ -254,6 +268,7 @@ class Checkpoints:
             "max_steps": max_steps,
             "epoch": self.order.epoch_at(step),
             "world_size": self.acc.num_processes,
+            "layout": layout(self.model),
             "data_position": {"optimizer_step": step, "seed": self.cfg.seed,
                               "global_batch": tc.micro_batch_size * tc.grad_accum * self.acc.num_processes,
                               "how": DATA_POSITION},
@@ -289,7 +304,7 @@ class Checkpoints:
         for ckpt in candidates:
             err = None
             try:
-                state = load_checkpoint(self.acc, ckpt)
+                state = load_checkpoint(self.acc, ckpt, self.model)
             except Exception as e:  # noqa: BLE001  (truncated or missing files raise many types)
                 err = e
             if _all_true(self.acc, err is None):
@@ -302,17 +317,45 @@ class Checkpoints:
             raise CheckpointError(f"resume=auto: none of the {len(candidates)} checkpoints in {self.root} "
                                   f"loads (reasons above)")
         step, self.best = state["step"], state.get("best")
+        self._check_global_batch(ckpt, state)
         self._warn_differences(ckpt, state)
+        if state.get("world_size") != self.acc.num_processes:
+            self._continue_elastic(ckpt, state, step)
         self._supersede_after(step)
         log.info("resumed from %s: step %d, epoch %.2f, best eval/loss %s", ckpt, step, state.get("epoch", 0.0),
                  self.best and f"{self.best['eval/loss']:.4f} at step {self.best['step']}")
         return step
 
+    def _check_global_batch(self, ckpt, state) -> None:
+        """The data order and the optimizer's trajectory continue only with the same global batch."""
+        tc = self.cfg.trainer
+        then = state.get("data_position", {}).get("global_batch")
+        now = tc.micro_batch_size * tc.grad_accum * self.acc.num_processes
+        if then is not None and then != now:
+            raise ConfigError(f"resume: {ckpt} was trained with a global batch of {then} sequences, this run's is "
+                              f"{now} (micro {tc.micro_batch_size} x accum {tc.grad_accum} x "
+                              f"{self.acc.num_processes} process(es)); set trainer.global_batch_size={then} to "
+                              f"continue it (grad_accum is derived), or start a new run_dir for another batch")
+
+    def _continue_elastic(self, ckpt, state, step: int) -> None:
+        """Another process count, same global batch: same data, weights, optimizer and schedule.
+
+        Per-process RNG streams have no counterpart on another count, and Accelerate would
+        restore rank r's stream where the checkpoint has one and silently keep the fresh one
+        elsewhere; every rank is re-seeded from (seed, step, rank) instead, so the run stays
+        reproducible.
+        """
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed + 1_000_003 * step, device_specific=True)
+        log.info("elastic resume: %s was written by %s process(es), this run has %d; same global batch, so the "
+                 "same data order; model, optimizer and schedule restored, RNG re-seeded from (seed, step, rank)",
+                 ckpt, state.get("world_size"), self.acc.num_processes)
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            log.warning("dropout is on: its masks cannot match the uninterrupted run's on another process count, "
+                        "so the resumed curve agrees with it statistically, not exactly; continuing")
+
     def _warn_differences(self, ckpt, state) -> None:
-        if state.get("world_size") != self.acc.num_processes:
-            log.warning("%s was written by %s process(es), this run has %d: RNG streams are not restored "
-                        "and the data order matches only if the global batch is the same",
-                        ckpt, state.get("world_size"), self.acc.num_processes)
         try:
             then = _flatten(OmegaConf.to_container(OmegaConf.load(Path(ckpt) / "config.yaml"), resolve=True))
         except OSError:

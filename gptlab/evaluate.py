@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from .data.blocks import eval_batches
 from .loss import _token_ce
@@ -27,11 +28,19 @@ def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss sum, tokens)
-    for ids in eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index):
+    batches = eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index)
+    for ids in batches:
         x = blocks.batch(ids).to(accelerator.device, non_blocking=True)
         ce = _token_ce(model(input_ids=x).logits, x)
         total[0] += ce.double().sum()
         total[1] += ce.numel()
+    if isinstance(model, FSDPModule):
+        # Every forward of a sharded model gathers weights from all ranks: a rank with fewer
+        # batches joins the others' last ones with uncounted forwards.
+        most = len(eval_batches(len(blocks), batch_size, accelerator.num_processes, 0))
+        for _ in range(most - len(batches)):
+            model(input_ids=blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0]).to(accelerator.device))
+        model.reshard()  # a forward without a backward leaves the root's weights gathered
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     loss = (total[0] / total[1]).item()

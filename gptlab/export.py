@@ -1,10 +1,12 @@
 """Export a checkpoint in Hugging Face format: `python -m gptlab.export <checkpoint> <dir>`.
 
 <checkpoint> is a checkpoint directory (`run/checkpoints/step_0000100`, `run/checkpoints/best`)
-or a run directory, which means its latest complete checkpoint.
+or a run directory, which means its latest complete checkpoint. Full and sharded (FSDP)
+checkpoints alike; a sharded one is stitched together in this one process, without a launch.
 """
 import argparse
 import logging
+import warnings
 from pathlib import Path
 
 from .checkpoint import CheckpointError, export_hf, find_checkpoint, read_trainer_state
@@ -21,7 +23,11 @@ def load_checkpoint_model(ckpt):
 
     ckpt = find_checkpoint(ckpt)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(ckpt / "hf_config")))
-    weights = {_strip_wrappers(k): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    if read_trainer_state(ckpt).get("layout") == "sharded":
+        weights = _read_sharded(ckpt / "pytorch_model_fsdp_0")
+    else:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    weights = {_strip_wrappers(k): v for k, v in weights.items()}
     params = model.state_dict()
     unexpected = sorted(set(weights) - set(params))
     loaded = {params[k].data_ptr() for k in weights if k in params}
@@ -40,6 +46,19 @@ def export_checkpoint(ckpt, out_dir) -> Path:
     out = export_hf(model, tokenizer, out_dir)
     log.info("exported %s (step %d) to %s", ckpt, read_trainer_state(ckpt)["step"], out)
     return out
+
+
+def _read_sharded(path) -> dict:
+    """Full tensors from an FSDP checkpoint's per-process shards, read in this one process."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
+    with warnings.catch_warnings():  # that no_dist means one process is the point here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(weights, checkpoint_id=str(path), no_dist=True)  # stitches the shards together
+    return {k.removeprefix("model."): v for k, v in weights.items()}  # accelerate saves {"model": state_dict}
 
 
 def _strip_wrappers(key: str) -> str:

@@ -26,6 +26,13 @@ def sampling_kwargs(gen_cfg) -> dict:
     return kw
 
 
+def _sharded(model) -> bool:
+    # An FSDP2 model gathers each block's weights from every rank at every forward: all
+    # ranks generate together, and one that hits EOS first keeps stepping until all are done.
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule) and torch.distributed.get_world_size() > 1
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int = 0, **sampling) -> list[str]:
     """Prompt plus continuation, one string per returned sequence.
@@ -44,7 +51,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad,
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, synced_gpus=_sharded(model),
                              **({"do_sample": True, "top_k": 50} | sampling))
     model.train(was_training)
     return tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -5,10 +5,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate
 from .flops import MFU
+from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
 from .optim import lr_at
@@ -35,6 +37,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     # With trainer.epochs, each epoch's mean train loss and the test loss at its end.
     epoch_loss_sum = torch.zeros((), device=device)
     epoch_steps, evaluated_at = 0, None
+    sized = None  # the training state's bytes per process, logged after the first update
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -60,6 +63,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 accelerator.backward(loss / len(micro))
             step_loss += loss.detach() / len(micro)
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(norm, DTensor):  # FSDP2: the norm over every shard, as a plain tensor on each rank
+            norm = norm.full_tensor()
         # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
         stop = checkpoints is not None and checkpoints.stop_requested()
         epoch = order.epoch_at(t)
@@ -75,6 +80,10 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 loss_sum += torch.where(take, step_loss, 0.0)
                 norm_sum += torch.where(take, norm.detach().float(), 0.0)
                 epoch_loss_sum += torch.where(take, step_loss, 0.0)
+                # Gradients and moments exist now, before zero_grad (a fused step that
+                # rejected its update has made the moments too).
+                if not sized:
+                    sized = log_state_bytes(model, optimizer, accelerator.num_processes)
             # Checkpoints are saved only at log steps (save_every is a multiple of log_every).
             if log_due or eval_due or epoch_due:
                 taken = guard.flush()  # the device guard's sync; it raises at a halt

@@ -11,6 +11,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from .hub import is_commit, is_hub_id, resolve
 from .loss import fused_linear_loss
 from .validate import ConfigError, MissingPathError
 
@@ -52,10 +53,14 @@ def build_model(model_cfg, tokenizer, block_size: int):
 
 
 def pretrained_dir(model_cfg) -> Path:
-    path = Path(model_cfg.pretrained_path).expanduser()
+    """The local directory of model.pretrained_path: the user's own, or a Hub id's cached snapshot."""
+    if is_hub_id(model_cfg.pretrained_path):
+        path = resolve(model_cfg.pretrained_path, model_cfg.revision, key="model.pretrained_path").path
+    else:
+        path = Path(model_cfg.pretrained_path).expanduser()
     if not (path / "config.json").is_file():
         raise MissingPathError(f"model.pretrained_path={model_cfg.pretrained_path}: no config.json there; "
-                               "expected a local Hugging Face model directory (save_pretrained)")
+                               "expected a Hugging Face model directory (save_pretrained) or a Hub id")
     return path
 
 
@@ -72,6 +77,8 @@ def check_block_size(model_cfg, block_size: int) -> None:
         if block_size > model_cfg.n_positions:
             raise ConfigError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
         return
+    if is_hub_id(model_cfg.pretrained_path) and not is_commit(model_cfg.revision):
+        return  # checked once run.py's pin_hub_ids has fetched it, on one process per machine
     path = pretrained_dir(model_cfg)
     n_pos = max_positions(AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code))
     if n_pos is not None and block_size > n_pos:

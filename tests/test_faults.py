@@ -231,6 +231,7 @@ def test_cli_instability_stops_with_the_step_number(tmp_path, cache_dir):
 FUZZ = {
     "trainer.micro_batch_size": [-1, 0, 1, 4],
     "trainer.grad_accum": [0, 1, 2],
+    "trainer.global_batch_size": ["null", 0, 6, 8],
     "trainer.max_steps": [-3, 0, 1, 2],
     "trainer.eval_every": [0, 1, 3],
     "trainer.log_every": [-1, 1, 2],

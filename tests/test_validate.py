@@ -60,8 +60,8 @@ def test_config_table(override, message):
 
 
 def test_an_experiment_setting_left_unset_is_named():
-    with pytest.raises(ConfigError, match=r"^this experiment needs data\.files=\.\.\. on the command line$"):
-        check_config(compose(["experiment=codeparrot"]))
+    with pytest.raises(ConfigError, match=r"^this experiment needs data\.db=\.\.\. on the command line$"):
+        check_config(compose(["experiment=wikibooks"]))
 
 
 def test_fine_tune_mode_checks_the_pretrained_model(tmp_path):

@@ -19,6 +19,7 @@ from typing import List
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..hub import is_hub_id, resolve
 from ..tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from .blocks import TokenBlocks
 from .cache import build_once, fingerprint, read_meta
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 SOURCES = {cls.name: cls for cls in (PythonSource, TextSource, JsonlSource, SqliteSource, HfSource, LibrusSource)}
 # Keys a list entry of data.source may override for itself.
 SOURCE_KEYS = ("files", "valid_files", "encoding", "text_unit", "text_field", "db", "query", "valid_query",
-               "builder", "streaming", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
+               "builder", "streaming", "config_name", "revision", "split", "valid_builder", "valid_revision",
+               "valid_split", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
                "download_retries", "download_max_bytes", "keywords", "min_chars")
 PACKS = ("concat", "chunk")
 TEXT_UNITS = ("file", "paragraph", "line")
@@ -95,8 +97,11 @@ def _check(dc, sources) -> None:
 def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path, is_builder: bool):
     """(tokenizer, content hash): loaded from tokenizer.path, or a BPE trained on the train split."""
     tc = cfg.tokenizer
-    if tc.path:
-        return load_tokenizer(tc.path), tokenizer_hash(tc.path)
+    if tc.path:  # a directory or a Hub id; the cache key hashes the files, never the id
+        directory = tc.path
+        if is_hub_id(tc.path):
+            directory = resolve(tc.path, tc.revision, key="tokenizer.path", weights=False).path
+        return load_tokenizer(directory), tokenizer_hash(directory)
     key = fingerprint({"corpus": corpus_key, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
                        "special_tokens": list(tc.special_tokens)})
 

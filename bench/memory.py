@@ -34,6 +34,8 @@ CONFIGS = {
     "FSDP2": (["--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml")], []),
     "FSDP2+AC": (["--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml")],
                  ["trainer.activation_checkpointing=true"]),
+    "DDP+LoRA16": (["--multi_gpu"], ["model.lora.r=16"]),
+    "DDP+AC+LoRA16": (["--multi_gpu"], ["trainer.activation_checkpointing=true", "model.lora.r=16"]),
 }
 
 

@@ -12,6 +12,18 @@ from omegaconf import OmegaConf
 
 
 @dataclass
+class LoraConfig:
+    # LoRA through peft (gptlab/lora.py): r > 0 freezes the model and trains rank-r adapters
+    # on the modules named here (a name matches a module path's last parts); 0 trains every weight.
+    # The adapters' output is scaled by alpha / r.
+    r: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # GPT-2's attention and MLP projections (Conv1D); other architectures name theirs (q_proj, ...).
+    target_modules: List[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
 class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
@@ -28,6 +40,7 @@ class ModelConfig:
     # pretrained_path may be a Hub id (org/name), read through the HF cache (HF_HOME,
     # HF_HUB_OFFLINE); revision is a branch, tag or commit. A run pins it to the commit.
     revision: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -91,6 +104,10 @@ class TokenizerConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
     special_tokens: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    # BPE training reads at most this much of the train split (an even, deterministic
+    # sample of whole documents): its memory grows with what it reads (~5x). Tokenizing
+    # still covers every document. null reads everything.
+    max_train_bytes: Optional[int] = 512 * 2**20
 
 
 @dataclass

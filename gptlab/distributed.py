@@ -10,11 +10,21 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list
 
-from .validate import ConfigError, fast_cpu_precision
+from .errors import ConfigError, RunDirBusyError
+from .lock import lock_run_dir
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("ddp", "dp")
+
+
+def fast_cpu_precision(precision: str) -> bool:
+    """Whether this CPU has native matmul for the dtype; otherwise torch emulates it."""
+    if precision == "bf16":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if precision == "fp16":
+        return torch.cpu._is_amx_fp16_supported()
+    return False
 
 
 def resolve_mixed_precision(requested, cuda: bool) -> str:
@@ -229,9 +239,15 @@ def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
             experiment = (hc.runtime.choices.get("experiment") if hc else None) or "default"
             stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             path = _claim_new_dir((Path("outputs") / experiment / stamp).absolute())
-        chosen = [str(path)]
+        try:  # only rank 0 owns the directory; the others learn whether it could
+            lock_run_dir(path)
+            chosen = [str(path)]
+        except RunDirBusyError as e:
+            chosen = [e]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
+    if isinstance(chosen[0], RunDirBusyError):
+        raise chosen[0]
     return Path(chosen[0])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import GenerateConfig
+from .model import load_trained, never_padded
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     out as text, not as `Ð`-bytes. The global RNG is restored afterwards: sampling in
     the middle of training must not change what the training run draws next.
     """
+    never_padded(model)  # the prompt's mask says it is not padded; transformers drops an all-ones mask
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from the document separator
@@ -103,7 +105,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .model import load_trained
 
     trained = load_trained(args.path, args.device)
     model, tokenizer, run_cfg = trained.model, trained.tokenizer, trained.run_cfg

@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from .validate import GptlabError
+from .errors import GptlabError
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def halt(error: TrainingHalted, checkpoints, max_steps: int):
     """Raise `error` after saving the state the guard kept intact; every process calls this."""
     if checkpoints is None:
         raise error
-    from .checkpoint import CheckpointError, checkpoint_dir
+    from .checkpoint_io import CheckpointError, checkpoint_dir
 
     target = checkpoint_dir(checkpoints.root.parent, error.step)
     try:

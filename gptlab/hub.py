@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .validate import MissingPathError
+from .errors import MissingPathError
 
 log = logging.getLogger(__name__)
 

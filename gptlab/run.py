@@ -7,7 +7,8 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .checkpoint import Checkpoints, export_hf, plan_run_dir
+from .checkpoint import Checkpoints, plan_run_dir
+from .checkpoint_io import export_hf
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
 from .data.sources import HfSource
@@ -16,15 +17,19 @@ from .distributed import (agree_run_dir, apply_activation_checkpointing, is_shar
 from .export import export_checkpoint
 from .generate import log_samples
 from .hub import pin_hub_ids
+from .lock import release_run_dirs
+from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
 from .optim import build_optimizer
-from .tokenizer import check_vocab
+from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
+# The final metrics next to the hyperparameters in TensorBoard's HParams tab.
+HPARAM_METRICS = ("eval/loss", "eval/perplexity", "train/tokens_per_s")
 
 
 def _save_config(cfg, run_dir: Path) -> None:
@@ -52,6 +57,13 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    try:
+        return _run(cfg)
+    finally:
+        release_run_dirs()  # the lock agree_run_dir took, also when the run fails
+
+
+def _run(cfg) -> dict:
     check_config(cfg)
     check_environment(cfg, torch.cuda.is_available())
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
@@ -64,8 +76,8 @@ def run(cfg) -> dict:
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
-        cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
-        cfg.tokenizer.revision = cfg.model.revision
+        cfg.tokenizer.revision = cfg.model.revision  # the model's own tokenizer, never retrained
+    cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config
     # Before the config is saved: the run dir and every checkpoint store the pinned commits.
     pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), datasets=HfSource.reads_repo(cfg.data),
                 previous=_saved_config(run_dir, cfg.resume))
@@ -87,6 +99,10 @@ def run(cfg) -> dict:
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+    lora_base = None
+    if cfg.model.lora.r > 0:  # freeze the model, train adapters; the base is referenced, not checkpointed
+        lora_base = base_reference(model, cfg.model, run_dir, main)
+        model = apply_lora(model, cfg.model.lora)
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
@@ -94,6 +110,9 @@ def run(cfg) -> dict:
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
+    n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
+    # (the optimizer state's bytes are logged after step 1, when the moments exist: footprint.py)
+    log.info("parameters: %s trainable of %s (%.3g%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
     model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
@@ -108,7 +127,7 @@ def run(cfg) -> dict:
              tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
@@ -129,6 +148,8 @@ def run(cfg) -> dict:
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
         elif main:
+            tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
+                            {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
             if sharded:  # from the final checkpoint's shards: no process gathers the model
                 export_checkpoint(checkpoints.latest, run_dir / "final")

@@ -110,7 +110,7 @@ def test_low_precision_on_a_cpu_without_native_support_falls_back_to_fp32(precis
 
 def test_this_cpu_is_judged_by_its_real_capabilities():
     from gptlab.distributed import resolve_mixed_precision
-    from gptlab.validate import fast_cpu_precision
+    from gptlab.distributed import fast_cpu_precision
 
     for precision in ("bf16", "fp16"):
         expected = precision if fast_cpu_precision(precision) else "no"

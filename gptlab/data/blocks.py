@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..validate import ConfigError
+from ..errors import ConfigError
 
 
 def plan_grad_accum(micro_batch_size: int, num_processes: int, global_batch_size=None, grad_accum=None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator, List, Sequence, Tuple
 
-from ..validate import GptlabError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ MAX_FILE_BYTES = 500_000
 READ_BLOCK_BYTES = 1 << 20
 
 Doc = Tuple[str, str]
-
-
-class DataError(GptlabError, ValueError):
-    """Bad data input: a one-line message that names the file, line or setting."""
 
 
 class MissingFileError(DataError, FileNotFoundError):

@@ -12,7 +12,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from gptlab.run import run  # heavy imports after Hydra has validated the config
-    from gptlab.validate import GptlabError
+    from gptlab.errors import GptlabError
 
     try:
         run(cfg)

@@ -73,9 +73,12 @@ def main() -> None:
         n_tokens = (args.steps + 1) * args.batch * args.block
         data = random_tokens(Path(tmp), vocab, n_tokens, args.block, args.batch)
         result = run_gptlab(data, [*as_overrides(settings), *args.override], args.steps, args.warmup_steps)
-    result.update(device=device, settings=settings)
+    # Peak over the whole run (model, optimizer state, activations, the fused loss's chunks).
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    result.update(device=device, settings=settings, peak_mem_gib=peak)
     print(f"{result['tokens_per_s']:.0f} tokens/s, MFU {result['logged_mfu']:.1%} "
-          f"(median of the loop's train/mfu after {args.warmup_steps} steps)", flush=True)
+          f"(median of the loop's train/mfu after {args.warmup_steps} steps)"
+          + (f", peak memory {peak:.1f} GiB" if peak is not None else ""), flush=True)
     print_result(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -1,164 +1,38 @@
-"""Checkpoints you can trust: atomic saves, keep-N plus best, exact resume, stop on a signal.
+"""The run's checkpoint policy: when to save, what to keep, what to resume from, when to stop.
 
-A checkpoint is a directory, `run_dir/checkpoints/step_0000100/`, holding Accelerate's
-state (`model.safetensors`, `optimizer.bin`, `random_states_<rank>.pkl` for every
-process, `scaler.pt` under fp16), the resolved `config.yaml`, the `tokenizer/`, the
-model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes).
+`plan_run_dir` checks the checkpoint and resume options before any work. `Checkpoints`
+saves every `trainer.save_every` steps, at the end and on SIGTERM/SIGINT, keeps the newest
+`trainer.keep_last` plus the best eval/loss, and on `resume=auto` (or a path) loads the
+newest checkpoint that loads, moving newer ones aside as superseded. A resume on another
+process count with the same global batch continues elastically.
 The data loader's position is the step itself: the training order is a pure function of
 (seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
-continue mid-epoch.
+continue mid-epoch. What a checkpoint holds and how it is written: checkpoint_io.py.
 """
 import json
 import logging
 import math
-import os
-import re
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from .checkpoint_io import (STATE_FILE, BaseMismatchError, all_true, checkpoint_dir, layout, link_copy,
+                            list_checkpoints, load_checkpoint, on_every_process, remove_dir, save_checkpoint,
+                            step_of)
+from .lora import only_trainable
 from .preemption import StopSignals
-from .validate import ConfigError, GptlabError, MissingPathError
+from .errors import CheckpointError, ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
 DATA_POSITION = ("the training order is a pure function of (seed, optimizer step): "
                  "resuming at step s reads exactly the blocks the uninterrupted run reads from s on")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that may change between a run and its resumption without a warning.
-_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir"}
+_FREE_TO_CHANGE = {"resume", "run_dir", "cache_dir",
+                   "trainer.grad_accum"}  # derived per launch; the global batch is checked instead
 
-
-class CheckpointError(GptlabError, RuntimeError):
-    """A checkpoint could not be written or read; the message says which one and why."""
-
-
-def checkpoint_dir(run_dir, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
-
-
-def list_checkpoints(run_dir) -> list:
-    """The run's step_* directories, oldest first. Temporary and superseded ones never match."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-# ---------------------------------------------------------------------------- save
-
-def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, trainer_state=None) -> Path:
-    """Write a complete checkpoint to `out_dir` atomically; every process must call it.
-
-    Everything goes to a temporary sibling that is renamed to `out_dir` only when it is
-    complete and on disk, so a kill at any moment leaves the earlier checkpoints and never
-    a directory that looks valid. A failed write (disk full, read-only) removes the
-    temporary directory and raises CheckpointError on every process.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    main = accelerator.is_main_process
-    what = f"could not save checkpoint {out_dir} (earlier checkpoints are untouched)"
-
-    def start():
-        if main:
-            _remove(tmp)
-            tmp.mkdir(parents=True)
-
-    def finish():
-        if not main:
-            return
-        OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        accelerator.unwrap_model(model).config.save_pretrained(str(tmp / "hf_config"))
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        state = {"format": FORMAT_VERSION, "step": step, **(trainer_state or {}), "files": files,
-                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        # Written last: a directory without it is never a checkpoint.
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, out_dir)
-
-    try:
-        _on_every_process(accelerator, what, start)
-        _on_every_process(accelerator, what, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
-        _on_every_process(accelerator, what, finish)
-    except CheckpointError:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def export_hf(model, tokenizer, out_dir: Path) -> Path:
-    """save_pretrained (safetensors) plus the tokenizer, loadable by from_pretrained and pipeline().
-
-    Written to a temporary directory and renamed, like a checkpoint.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    _remove(tmp)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    _fsync_tree(tmp)
-    _replace_dir(tmp, out_dir)
-    return out_dir
-
-
-# ---------------------------------------------------------------------------- load
-
-def read_trainer_state(ckpt) -> dict:
-    """trainer_state.json, after checking that every file it lists is there at its recorded size."""
-    ckpt = Path(ckpt)
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt} has no {STATE_FILE}, so it is not a complete checkpoint") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable: {e}") from e
-    for rel, size in state.get("files", {}).items():
-        path = ckpt / rel
-        if not path.is_file():
-            raise CheckpointError(f"{ckpt}: {rel} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{ckpt}: {rel} has {path.stat().st_size} bytes instead of {size} (truncated?)")
-    return state
-
-
-def load_checkpoint(accelerator, ckpt) -> dict:
-    """Restore model, optimizer, scaler and this process's RNG states; return trainer_state.json."""
-    state = read_trainer_state(ckpt)
-    if state.get("world_size") == accelerator.num_processes:
-        from accelerate.utils import load
-        # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
-        load(Path(ckpt) / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
-    accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
-    return state
-
-
-def find_checkpoint(path) -> Path:
-    """A checkpoint directory, or the latest complete checkpoint of a run directory."""
-    path = Path(path).expanduser()
-    if (path / STATE_FILE).is_file():
-        return path
-    if path.name == "checkpoints":
-        path = path.parent
-    for ckpt in reversed(list_checkpoints(path)):
-        try:
-            read_trainer_state(ckpt)
-            return ckpt
-        except CheckpointError as e:
-            log.warning("skipping %s", e)
-    raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
-
-
-# ---------------------------------------------------------------------------- policy
 
 def plan_run_dir(cfg):
     """Check the checkpoint and resume options before any work; return the run_dir to use."""
@@ -211,8 +85,11 @@ class Checkpoints:
     better one.
     """
 
-    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order):
+    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order, lora_base=None):
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
+        if lora_base is not None:
+            accelerator.register_save_state_pre_hook(only_trainable)
         self.root = Path(run_dir) / "checkpoints"
         self.save_every, self.keep_last = cfg.trainer.save_every, cfg.trainer.keep_last
         self.best = None  # {"step": s, "eval/loss": x}
@@ -245,8 +122,8 @@ class Checkpoints:
             if saved is None:
                 self.save(self.root / "best", step, max_steps, eval_loss)
             else:
-                _on_every_process(self.acc, f"could not copy {saved} to {self.root / 'best'}",
-                                  lambda: self.acc.is_main_process and _link_copy(saved, self.root / "best"))
+                on_every_process(self.acc, f"could not copy {saved} to {self.root / 'best'}",
+                                  lambda: self.acc.is_main_process and link_copy(saved, self.root / "best"))
 
     def save(self, out_dir, step: int, max_steps: int, eval_loss=None) -> Path:
         tc = self.cfg.trainer
@@ -254,11 +131,13 @@ class Checkpoints:
             "max_steps": max_steps,
             "epoch": self.order.epoch_at(step),
             "world_size": self.acc.num_processes,
+            "layout": layout(self.model),
             "data_position": {"optimizer_step": step, "seed": self.cfg.seed,
                               "global_batch": tc.micro_batch_size * tc.grad_accum * self.acc.num_processes,
                               "how": DATA_POSITION},
             "eval/loss": eval_loss,
             "best": self.best,
+            **({"lora": self.lora_base} if self.lora_base else {}),
         }
         out = save_checkpoint(self.acc, out_dir, step=step, model=self.model, cfg=self.cfg,
                               tokenizer=self.tokenizer, trainer_state=state)
@@ -270,7 +149,7 @@ class Checkpoints:
             return
         for old in list_checkpoints(self.root.parent)[:-self.keep_last]:
             try:
-                _remove(old)
+                remove_dir(old)
             except OSError as e:
                 log.warning("could not remove old checkpoint %s: %s", old, e)
 
@@ -289,10 +168,12 @@ class Checkpoints:
         for ckpt in candidates:
             err = None
             try:
-                state = load_checkpoint(self.acc, ckpt)
+                state = load_checkpoint(self.acc, ckpt, self.model, self.lora_base)
+            except BaseMismatchError as e:
+                raise CheckpointError(f"resume={spec}: {e}") from None
             except Exception as e:  # noqa: BLE001  (truncated or missing files raise many types)
                 err = e
-            if _all_true(self.acc, err is None):
+            if all_true(self.acc, err is None):
                 break
             reason = err if err is not None else "it failed to load on another process"
             if not auto:
@@ -302,17 +183,45 @@ class Checkpoints:
             raise CheckpointError(f"resume=auto: none of the {len(candidates)} checkpoints in {self.root} "
                                   f"loads (reasons above)")
         step, self.best = state["step"], state.get("best")
+        self._check_global_batch(ckpt, state)
         self._warn_differences(ckpt, state)
+        if state.get("world_size") != self.acc.num_processes:
+            self._continue_elastic(ckpt, state, step)
         self._supersede_after(step)
         log.info("resumed from %s: step %d, epoch %.2f, best eval/loss %s", ckpt, step, state.get("epoch", 0.0),
                  self.best and f"{self.best['eval/loss']:.4f} at step {self.best['step']}")
         return step
 
+    def _check_global_batch(self, ckpt, state) -> None:
+        """The data order and the optimizer's trajectory continue only with the same global batch."""
+        tc = self.cfg.trainer
+        then = state.get("data_position", {}).get("global_batch")
+        now = tc.micro_batch_size * tc.grad_accum * self.acc.num_processes
+        if then is not None and then != now:
+            raise ConfigError(f"resume: {ckpt} was trained with a global batch of {then} sequences, this run's is "
+                              f"{now} (micro {tc.micro_batch_size} x accum {tc.grad_accum} x "
+                              f"{self.acc.num_processes} process(es)); set trainer.global_batch_size={then} to "
+                              f"continue it (grad_accum is derived), or start a new run_dir for another batch")
+
+    def _continue_elastic(self, ckpt, state, step: int) -> None:
+        """Another process count, same global batch: same data, weights, optimizer and schedule.
+
+        Per-process RNG streams have no counterpart on another count, and Accelerate would
+        restore rank r's stream where the checkpoint has one and silently keep the fresh one
+        elsewhere; every rank is re-seeded from (seed, step, rank) instead, so the run stays
+        reproducible.
+        """
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed + 1_000_003 * step, device_specific=True)
+        log.info("elastic resume: %s was written by %s process(es), this run has %d; same global batch, so the "
+                 "same data order; model, optimizer and schedule restored, RNG re-seeded from (seed, step, rank)",
+                 ckpt, state.get("world_size"), self.acc.num_processes)
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            log.warning("dropout is on: its masks cannot match the uninterrupted run's on another process count, "
+                        "so the resumed curve agrees with it statistically, not exactly; continuing")
+
     def _warn_differences(self, ckpt, state) -> None:
-        if state.get("world_size") != self.acc.num_processes:
-            log.warning("%s was written by %s process(es), this run has %d: RNG streams are not restored "
-                        "and the data order matches only if the global batch is the same",
-                        ckpt, state.get("world_size"), self.acc.num_processes)
         try:
             then = _flatten(OmegaConf.to_container(OmegaConf.load(Path(ckpt) / "config.yaml"), resolve=True))
         except OSError:
@@ -327,7 +236,7 @@ class Checkpoints:
         """Checkpoints newer than the resume point belong to a history that no longer continues."""
         if not self.acc.is_main_process:
             return
-        newer = [c for c in list_checkpoints(self.root.parent) if int(_STEP_DIR.match(c.name).group(1)) > step]
+        newer = [c for c in list_checkpoints(self.root.parent) if step_of(c) > step]
         best = self.root / "best"
         try:
             if json.loads((best / STATE_FILE).read_text())["step"] > step:
@@ -336,90 +245,13 @@ class Checkpoints:
             pass
         for c in newer:
             aside = c.with_name(c.name + ".superseded")
-            _remove(aside)
+            remove_dir(aside)
             c.rename(aside)
             log.warning("moved %s (newer than the resume point, step %d) aside to %s", c, step, aside.name)
         # What a kill during a save or a prune left behind.
         for leftover in self.root.glob(".t*-*") if self.root.is_dir() else []:
             if leftover.name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(leftover, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- helpers
-
-def _all_true(accelerator, ok: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([float(ok)], device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes
-
-
-def _on_every_process(accelerator, what: str, fn) -> None:
-    """Run fn here; if it failed on any process, raise CheckpointError on all of them (none hangs)."""
-    err = None
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001  (reported with its message below)
-        err = e
-    if not _all_true(accelerator, err is None):
-        raise CheckpointError(f"{what}: {err if err is not None else 'failed on another process'}") from err
-
-
-def _link_copy(src: Path, dst: Path) -> None:
-    """dst becomes a copy of src made of hard links (no extra disk), replaced atomically."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    _remove(tmp)
-
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, tmp, copy_function=link)
-    _fsync_tree(tmp)
-    _replace_dir(tmp, dst)
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        trash = dst.with_name(f".trash-{dst.name}")
-        _remove(trash)
-        dst.rename(trash)
-        tmp.rename(dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(dst)
-    _fsync_dir(dst.parent)
-
-
-def _remove(path: Path) -> None:
-    """Delete a directory by renaming it first, so a kill half-way never leaves a partial copy of its name."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}")
-    if trash != path:
-        shutil.rmtree(trash, ignore_errors=True)
-        path.rename(trash)
-    shutil.rmtree(trash)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(p)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _flatten(d, prefix=""):

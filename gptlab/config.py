@@ -12,6 +12,18 @@ from omegaconf import OmegaConf
 
 
 @dataclass
+class LoraConfig:
+    # LoRA through peft (gptlab/lora.py): r > 0 freezes the model and trains rank-r adapters
+    # on the modules named here (a name matches a module path's last parts); 0 trains every weight.
+    # The adapters' output is scaled by alpha / r.
+    r: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # GPT-2's attention and MLP projections (Conv1D); other architectures name theirs (q_proj, ...).
+    target_modules: List[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
 class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
@@ -25,6 +37,10 @@ class ModelConfig:
     # used (the keys above are ignored), and the tokenizer is never retrained.
     pretrained_path: Optional[str] = None
     trust_remote_code: bool = False
+    # pretrained_path may be a Hub id (org/name), read through the HF cache (HF_HOME,
+    # HF_HUB_OFFLINE); revision is a branch, tag or commit. A run pins it to the commit.
+    revision: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -48,6 +64,16 @@ class DataConfig:
     # or `disk` for a directory written by save_to_disk (files: [DIR]).
     builder: str = "json"
     streaming: bool = False
+    # hf with a dataset repo as builder: a Hub dataset id (org/name) or a local directory
+    # laid out like one. split is read for training; valid_builder (another repo) and/or
+    # valid_split give explicit validation data (its split defaults to `split`).
+    # Revisions are branches, tags or commits; a run pins them to commits.
+    config_name: Optional[str] = None
+    revision: Optional[str] = None
+    split: str = "train"
+    valid_builder: Optional[str] = None
+    valid_revision: Optional[str] = None
+    valid_split: Optional[str] = None
     # python_source: directories to scan; empty means the running interpreter's
     # standard library and site-packages (the embedded default corpus).
     paths: List[str] = field(default_factory=list)
@@ -72,11 +98,16 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    # A directory with a saved tokenizer; None trains a byte-level BPE on the train split.
+    # A directory with a saved tokenizer or a Hub id; None trains a byte-level BPE on the train split.
     path: Optional[str] = None
+    revision: Optional[str] = None  # of a Hub id, as model.revision
     vocab_size: int = 8192
     min_frequency: int = 2
     special_tokens: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    # BPE training reads at most this much of the train split (an even, deterministic
+    # sample of whole documents): its memory grows with what it reads (~5x). Tokenizing
+    # still covers every document. null reads everything.
+    max_train_bytes: Optional[int] = 512 * 2**20
 
 
 @dataclass
@@ -115,7 +146,12 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     micro_batch_size: int = 8
-    grad_accum: int = 1
+    # Sequences per optimizer step over all processes; null: micro_batch_size x grad_accum x processes.
+    # When set, grad_accum is derived from it and the process count (the same recipe on 1 or 8 GPUs).
+    global_batch_size: Optional[int] = None
+    # Micro-steps per optimizer step; null: derived from global_batch_size, or 1 without it.
+    # Given explicitly next to global_batch_size, it must agree with it.
+    grad_accum: Optional[int] = None
     max_steps: int = 300
     # When set, overrides max_steps with the optimizer steps that make this many epochs.
     epochs: Optional[int] = None
@@ -138,6 +174,9 @@ class TrainerConfig:
     cpu_threads: Optional[int] = None
     # torch.compile the repeated transformer blocks (see model.compile_blocks).
     compile: bool = False
+    # Recompute each transformer block in the backward pass instead of keeping its activations
+    # (non-reentrant torch.utils.checkpoint): far less activation memory for about a third more compute.
+    activation_checkpointing: bool = False
     # TensorFloat-32 matmuls on CUDA GPUs that have it; no effect on CPU.
     tf32: bool = True
     # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.

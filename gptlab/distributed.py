@@ -1,4 +1,5 @@
-"""The Accelerator, the one run directory all ranks agree on, rank-aware logging, and DP mode."""
+"""The Accelerator, the one run directory all ranks agree on, rank-aware logging, and how the
+model is wrapped (DDP, DataParallel or FSDP2): decided here, and checked after `prepare`."""
 import logging
 import os
 import sys
@@ -6,14 +7,24 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list
 
-from .validate import ConfigError, fast_cpu_precision
+from .errors import ConfigError, RunDirBusyError
+from .lock import lock_run_dir
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("ddp", "dp")
+
+
+def fast_cpu_precision(precision: str) -> bool:
+    """Whether this CPU has native matmul for the dtype; otherwise torch emulates it."""
+    if precision == "bf16":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if precision == "fp16":
+        return torch.cpu._is_amx_fp16_supported()
+    return False
 
 
 def resolve_mixed_precision(requested, cuda: bool) -> str:
@@ -32,9 +43,12 @@ def make_accelerator(trainer_cfg) -> Accelerator:
     # cpu=True is what makes `accelerate launch --multi_gpu --num_processes N` run N
     # CPU processes over gloo when there is no GPU (accelerate 1.15).
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda,
+    fsdp = fsdp_plugin(trainer_cfg.parallel, cuda)
+    accelerator = Accelerator(cpu=not cuda, fsdp_plugin=fsdp,
                               mixed_precision=resolve_mixed_precision(trainer_cfg.mixed_precision, cuda))
     check_parallel(trainer_cfg.parallel, accelerator.num_processes)
+    if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _shard_on_cpu(accelerator, fsdp)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(trainer_cfg.cpu_threads or cpu_threads_per_process())
     return accelerator
@@ -47,6 +61,84 @@ def cpu_threads_per_process() -> int:
 
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def fsdp_asked() -> bool:
+    """Whether the launch asked for FSDP (`accelerate launch --config_file launch/accelerate/fsdp.yaml`)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_plugin(parallel: str, cuda: bool):
+    """The launch's FSDP settings, checked before any work; None when it did not ask for FSDP."""
+    if not fsdp_asked():
+        return None
+    if parallel == "dp":
+        raise ConfigError("trainer.parallel=dp with an FSDP launch: FSDP shards over processes, DataParallel "
+                          "runs one; use trainer.parallel=ddp (the default) with launch/accelerate/fsdp.yaml")
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
+    if plugin.fsdp_version != 2 and not cuda:
+        raise ConfigError(f"fsdp_version {plugin.fsdp_version} needs a GPU (FSDP1 crashes on a CPU); "
+                          f"set fsdp_version: 2 as in launch/accelerate/fsdp.yaml")
+    return plugin
+
+
+def _shard_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """Make accelerate's FSDP2 path run on CPU processes over gloo.
+
+    Accelerator(cpu=True) keeps MULTI_CPU (plain DDP) without a word when the launch asks
+    for FSDP (accelerate 1.15); fully_shard itself works over gloo, and so does accelerate's
+    FSDP2 code once its state says FSDP. This is what lets CI test real sharding.
+    """
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # Both shared states: each later AcceleratorState() copies PartialState's type over its own.
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
+def check_auto_wrap(accelerator: Accelerator, model) -> None:
+    """Before prepare: every auto-wrap class the launch names is a module class of this model."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    if not accelerator.is_fsdp2:
+        return
+    names = accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or []
+    missing = [n for n in names if get_module_class_from_name(model, n) is None]
+    if missing:
+        raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap={','.join(missing)}: {type(model).__name__} has no "
+                          f"such module; its blocks are {', '.join(getattr(model, '_no_split_modules', None) or [])}")
+
+
+def prepare_model(accelerator: Accelerator, model, optimizer, parallel: str):
+    """accelerator.prepare with the wrapping asked for, then asserted: accelerate can fall back silently."""
+    check_auto_wrap(accelerator, model)
+    model, optimizer = accelerator.prepare(wrap_parallel(model, parallel), optimizer)
+    check_wrapped(accelerator, model)
+    return model, optimizer
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def check_wrapped(accelerator: Accelerator, model) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if not fsdp_asked():
+        if accelerator.num_processes > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError(f"{accelerator.num_processes} processes but the model is not wrapped in DDP "
+                               f"({type(model).__name__}, {accelerator.distributed_type})")
+        return
+    # Right after prepare every parameter of an FSDP2 model is a sharded DTensor (a forward
+    # without a backward, as in evaluation, leaves the root's gathered until the next one).
+    params = list(model.parameters())
+    if not (is_sharded(model) and all(isinstance(p, DTensor) for p in params)):
+        raise RuntimeError(f"the launch asked for FSDP but the model is not sharded ({type(model).__name__}, "
+                           f"{accelerator.distributed_type}); refusing to train it unsharded")
+    log.info("FSDP2: %d of %d parameter values on this process, %d DTensors sharded over %d process(es)",
+             sum(p.to_local().numel() for p in params), sum(p.numel() for p in params), len(params),
+             accelerator.num_processes)
 
 
 def check_parallel(parallel: str, num_processes: int) -> None:
@@ -82,6 +174,22 @@ def wrap_parallel(model, parallel: str):
         log.info("trainer.parallel=dp: DataParallel splits each micro batch over %d GPU(s) in one process "
                  "(legacy; DDP through `accelerate launch --multi_gpu` is faster)", gpus)
     return DataParallelLM(model)
+
+
+def apply_activation_checkpointing(model, enabled: bool) -> None:
+    """trainer.activation_checkpointing: every transformer block of the HF model recomputed in backward.
+
+    Transformers' own switch (non-reentrant torch.utils.checkpoint around each block's forward,
+    so hooks such as DDP's or FSDP2's stay outside it, and dropout masks are replayed from the
+    saved RNG state). Blocks then receive use_cache=False, which training passes anyway.
+    """
+    if not enabled:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support "
+                          "activation checkpointing; set trainer.activation_checkpointing=false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    log.info("activation checkpointing: each transformer block is recomputed in the backward pass")
 
 
 def _hydra_config():
@@ -131,9 +239,15 @@ def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
             experiment = (hc.runtime.choices.get("experiment") if hc else None) or "default"
             stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             path = _claim_new_dir((Path("outputs") / experiment / stamp).absolute())
-        chosen = [str(path)]
+        try:  # only rank 0 owns the directory; the others learn whether it could
+            lock_run_dir(path)
+            chosen = [str(path)]
+        except RunDirBusyError as e:
+            chosen = [e]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
+    if isinstance(chosen[0], RunDirBusyError):
+        raise chosen[0]
     return Path(chosen[0])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from .data.blocks import eval_batches
 from .loss import _token_ce
@@ -27,11 +28,19 @@ def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss sum, tokens)
-    for ids in eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index):
+    batches = eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index)
+    for ids in batches:
         x = blocks.batch(ids).to(accelerator.device, non_blocking=True)
         ce = _token_ce(model(input_ids=x).logits, x)
         total[0] += ce.double().sum()
         total[1] += ce.numel()
+    if isinstance(model, FSDPModule):
+        # Every forward of a sharded model gathers weights from all ranks: a rank with fewer
+        # batches joins the others' last ones with uncounted forwards.
+        most = len(eval_batches(len(blocks), batch_size, accelerator.num_processes, 0))
+        for _ in range(most - len(batches)):
+            model(input_ids=blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0]).to(accelerator.device))
+        model.reshard()  # a forward without a backward leaves the root's weights gathered
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     loss = (total[0] / total[1]).item()
@@ -60,18 +69,27 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def eval_config(run_cfg, overrides: list[str]):
+def eval_config(run_cfg, overrides: list[str], tokenizer_dir, n_positions: int | None = None):
     """The defaults plus `overrides`, except that a model from a gptlab run starts from that
-    run's data config and cache dir (so no overrides means its own validation split)."""
+    run's data config and cache dir (so no overrides means its own validation split).
+
+    What must match the model comes from the model unless an override says otherwise,
+    even when `data=GROUP` swaps in a group's defaults: the tokenizer always, and
+    `data.block_size` (the run's, or a foreign model's positions).
+    """
     cfg = compose_config(overrides)
-    if run_cfg is None:
-        return cfg
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    if "data" not in given:  # no other data group chosen: the run's data, then any data.KEY=VALUE
-        dotted = OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")])
-        cfg.data = OmegaConf.merge(cfg.data, run_cfg.data, dotted.get("data", {}))
-    if "cache_dir" not in given:
-        cfg.cache_dir = run_cfg.cache_dir
+    if run_cfg is not None:
+        if "data" not in given:  # no other data group chosen: the run's data, then any data.KEY=VALUE
+            dotted = OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")])
+            cfg.data = OmegaConf.merge(cfg.data, run_cfg.data, dotted.get("data", {}))
+        if "cache_dir" not in given:
+            cfg.cache_dir = run_cfg.cache_dir
+    if "data.block_size" not in given:
+        block_size = run_cfg.data.block_size if run_cfg is not None else n_positions
+        if block_size is not None:
+            cfg.data.block_size = block_size
+    cfg.tokenizer.path = str(tokenizer_dir)
     return cfg
 
 
@@ -94,9 +112,8 @@ def main(argv=None) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
     trained = load_trained(args.path)
-    cfg = eval_config(trained.run_cfg, list(args.overrides))
-    cfg.tokenizer.path = str(trained.tokenizer_dir)
     n_pos = max_positions(trained.model.config)
+    cfg = eval_config(trained.run_cfg, list(args.overrides), trained.tokenizer_dir, n_pos)
     if n_pos is not None and cfg.data.block_size > n_pos:
         sys.exit(f"data.block_size={cfg.data.block_size} exceeds the model's {n_pos} positions")
 

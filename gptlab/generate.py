@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import GenerateConfig
+from .model import load_trained, never_padded
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,13 @@ def sampling_kwargs(gen_cfg) -> dict:
     return kw
 
 
+def _sharded(model) -> bool:
+    # An FSDP2 model gathers each block's weights from every rank at every forward: all
+    # ranks generate together, and one that hits EOS first keeps stepping until all are done.
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule) and torch.distributed.get_world_size() > 1
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int = 0, **sampling) -> list[str]:
     """Prompt plus continuation, one string per returned sequence.
@@ -34,6 +42,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     out as text, not as `Ð`-bytes. The global RNG is restored afterwards: sampling in
     the middle of training must not change what the training run draws next.
     """
+    never_padded(model)  # the prompt's mask says it is not padded; transformers drops an all-ones mask
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from the document separator
@@ -44,7 +53,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad,
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, synced_gpus=_sharded(model),
                              **({"do_sample": True, "top_k": 50} | sampling))
     model.train(was_training)
     return tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -96,7 +105,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .model import load_trained
 
     trained = load_trained(args.path, args.device)
     model, tokenizer, run_cfg = trained.model, trained.tokenizer, trained.run_cfg

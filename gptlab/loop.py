@@ -5,10 +5,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate
 from .flops import MFU
+from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
 from .optim import lr_at, set_lr
@@ -25,16 +27,17 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     last = {}
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, device, accelerator.num_processes,
               tc.peak_flops, accelerator.mixed_precision != "no")
-    guard = StepGuard.from_config(tc, accelerator)
+    guard = StepGuard.from_config(tc, accelerator, optimizer)
 
     # Running sums stay on the device: reading them forces a host sync, so we do it
-    # only every log_every steps (the guard's two floats are the one per-step sync).
+    # only when logging, evaluating or saving (and per step for a host-side guard).
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
     window, kept, t_window = 0, 0, time.perf_counter()
     # With trainer.epochs, each epoch's mean train loss and the test loss at its end.
     epoch_loss_sum = torch.zeros((), device=device)
     epoch_steps, evaluated_at = 0, None
+    sized = None  # the training state's bytes per process, logged after the first update
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -59,27 +62,40 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 accelerator.backward(loss / len(micro))
             step_loss += loss.detach() / len(micro)
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(norm, DTensor):  # FSDP2: the norm over every shard, as a plain tensor on each rank
+            norm = norm.full_tensor()
+        # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
+        stop = checkpoints is not None and checkpoints.stop_requested()
+        epoch = order.epoch_at(t)
+        crossed = math.floor(epoch) > math.floor(order.epoch_at(t - 1))
+        log_due = t % tc.log_every == 0 or t == max_steps or stop
+        eval_due = t % tc.eval_every == 0 or t == max_steps
+        epoch_due = tc.epochs is not None and (crossed or t == max_steps)
         try:
-            take = guard.check(step_loss, norm, t, accelerator)
+            # A skipped update leaves the weights and the optimizer state as they were.
+            take = guard.step(optimizer, step_loss, norm, t, accelerator)
+            if take is not False:  # a bool from a host-side guard, else a tensor on the device
+                take = torch.as_tensor(take, device=device)
+                loss_sum += torch.where(take, step_loss, 0.0)
+                norm_sum += torch.where(take, norm.detach().float(), 0.0)
+                epoch_loss_sum += torch.where(take, step_loss, 0.0)
+                # Gradients and moments exist now, before zero_grad (a fused step that
+                # rejected its update has made the moments too).
+                if not sized:
+                    sized = log_state_bytes(model, optimizer, accelerator.num_processes)
+            # Checkpoints are saved only at log steps (save_every is a multiple of log_every).
+            if log_due or eval_due or epoch_due:
+                taken = guard.flush()  # the device guard's sync; it raises at a halt
+                kept += taken
+                epoch_steps += taken
         except TrainingHalted as e:
             bar.close()  # so the error is the last line on the console
             halt(e, checkpoints, max_steps)
-        if take:
-            optimizer.step()
-            loss_sum += step_loss
-            norm_sum += norm.detach()
-            epoch_loss_sum += step_loss
-            kept += 1
-            epoch_steps += 1
-        else:  # a skipped update leaves the weights and the optimizer state as they were
-            guard.skip_update(accelerator)
         optimizer.zero_grad(set_to_none=True)
         window += 1
         bar.update(1)
-        # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
-        stop = checkpoints is not None and checkpoints.stop_requested()
 
-        if t % tc.log_every == 0 or t == max_steps or stop:
+        if log_due:
             # Averages over the updates taken: skipped steps are left out.
             loss_avg = accelerator.reduce(loss_sum, reduction="mean").item() / kept if kept else math.nan
             elapsed = time.perf_counter() - t_window
@@ -99,7 +115,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             window, kept, t_window = 0, 0, time.perf_counter()
 
         eval_loss = None
-        if t % tc.eval_every == 0 or t == max_steps:
+        if eval_due:
             metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
             tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, t)
             log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
@@ -114,9 +130,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 on_eval(t)
             t_window = time.perf_counter()  # evaluation time is not training throughput
 
-        epoch = order.epoch_at(t)
-        crossed = math.floor(epoch) > math.floor(order.epoch_at(t - 1))
-        if tc.epochs is not None and (crossed or t == max_steps):
+        if epoch_due:
             if evaluated_at != t:
                 metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
             ep = {"epoch/epoch": math.floor(epoch) if crossed else math.ceil(epoch),

@@ -12,11 +12,21 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .validate import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("cross_entropy", "keytoken")
+
+
+def check_loss_config(lc) -> None:
+    """Before step 1: the loss settings alone."""
+    if lc.name not in LOSSES:
+        raise ConfigError(f"loss.name={lc.name} must be one of {', '.join(LOSSES)}")
+    if lc.alpha <= 0:
+        raise ConfigError(f"loss.alpha={lc.alpha} must be > 0: it scales every sample's weight")
+    if lc.name == "keytoken" and len(lc.keywords) == 0:
+        raise ConfigError("loss=keytoken needs loss.keywords; the list is empty")
 
 
 def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -106,7 +116,9 @@ class _FusedLinearCE(torch.autograd.Function):
         with torch.autocast(dev.type, enabled=False):
             hc, w = h.detach().to(cd), weight.detach().to(cd)
             grad_h = torch.empty(N, C, dtype=f32, device=dev)
-            grad_w = torch.zeros(V, C, dtype=f32, device=dev)
+            # A frozen head (LoRA) needs no (V, C) gradient: neither its memory nor its matmuls.
+            need_w = ctx.needs_input_grad[1]
+            grad_w = torch.zeros(V, C, dtype=f32, device=dev) if need_w else None
             n = min(chunk_rows, N)
             logits = torch.empty(n, V, dtype=cd, device=dev)
             probs = torch.empty(n, V, dtype=f32, device=dev)  # log-probs, then the logits' gradient
@@ -123,13 +135,15 @@ class _FusedLinearCE(torch.autograd.Function):
                 if cd == f32:
                     P.mul_(tw)
                     torch.mm(P, w, out=grad_h[s:e])
-                    grad_w.addmm_(P.t(), hc[s:e])
+                    if need_w:
+                        grad_w.addmm_(P.t(), hc[s:e])
                 else:
                     # Rows scaled to at most 1 before the cast, so that fp16 does not flush
                     # w·(softmax - onehot), with w ~ 1/tokens, to zero.
                     G = P.mul_(tw / w_max).to(cd)
                     grad_h[s:e] = torch.mm(G, w).float().mul_(w_max)
-                    grad_w += (G.t() @ hc[s:e]).float().mul_(w_max)
+                    if need_w:
+                        grad_w += (G.t() @ hc[s:e]).float().mul_(w_max)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = h.dtype, weight.dtype
         return loss
@@ -137,7 +151,8 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]), None, None, None
+        dw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
+        return (grad_h * grad_out).to(ctx.dtypes[0]), dw, None, None, None
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,

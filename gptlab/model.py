@@ -9,17 +9,19 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
+from .hub import is_commit, is_hub_id, resolve
+from .errors import CheckpointError, ConfigError, MissingPathError
+from .lora import base_of
 from .loss import fused_linear_loss
-from .validate import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
 
 def build_model(model_cfg, tokenizer, block_size: int):
     if model_cfg.pretrained_path:
-        return load_pretrained(model_cfg, tokenizer, block_size)
+        return never_padded(load_pretrained(model_cfg, tokenizer, block_size))
     check_block_size(model_cfg, block_size)
     if model_cfg.n_embd % model_cfg.n_head:
         raise ConfigError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
@@ -48,14 +50,37 @@ def build_model(model_cfg, tokenizer, block_size: int):
         model.generation_config.suppress_tokens = list(range(len(tokenizer), vocab_size))
     log.info("GPT-2 with %.2fM parameters (%d layers, %d wide, vocab %d)",
              count_parameters(model) / 1e6, config.n_layer, config.n_embd, config.vocab_size)
+    return never_padded(model)
+
+
+def _no_padding_guess(input_ids, attention_mask) -> None:
+    pass
+
+
+def never_padded(model):
+    """Turn off transformers' guess that a pad id at either end of the ids means padding.
+
+    gptlab never pads: training and evaluation read packed blocks, and a sample is one
+    prompt. But eos doubles as the pad id and starts or ends many blocks, and generate()
+    drops an all-ones attention_mask (transformers 5), so GPT-2 warned "We strongly
+    recommend passing in an `attention_mask`" in every default run. An explicit mask on
+    every forward would cost a mask per step and change the attention path for nothing.
+    """
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.warn_if_padding_and_no_attention_mask = _no_padding_guess
     return model
 
 
 def pretrained_dir(model_cfg) -> Path:
-    path = Path(model_cfg.pretrained_path).expanduser()
+    """The local directory of model.pretrained_path: the user's own, or a Hub id's cached snapshot."""
+    if is_hub_id(model_cfg.pretrained_path):
+        path = resolve(model_cfg.pretrained_path, model_cfg.revision, key="model.pretrained_path").path
+    else:
+        path = Path(model_cfg.pretrained_path).expanduser()
     if not (path / "config.json").is_file():
         raise MissingPathError(f"model.pretrained_path={model_cfg.pretrained_path}: no config.json there; "
-                               "expected a local Hugging Face model directory (save_pretrained)")
+                               "expected a Hugging Face model directory (save_pretrained) or a Hub id")
     return path
 
 
@@ -72,6 +97,8 @@ def check_block_size(model_cfg, block_size: int) -> None:
         if block_size > model_cfg.n_positions:
             raise ConfigError(f"data.block_size={block_size} exceeds model.n_positions={model_cfg.n_positions}")
         return
+    if is_hub_id(model_cfg.pretrained_path) and not is_commit(model_cfg.revision):
+        return  # checked once run.py's pin_hub_ids has fetched it, on one process per machine
     path = pretrained_dir(model_cfg)
     n_pos = max_positions(AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code))
     if n_pos is not None and block_size > n_pos:
@@ -130,7 +157,6 @@ def load_trained(path, device: str = "cpu") -> Trained:
     A run dir means its final/ export, or its latest complete checkpoint if the run did not
     finish; a checkpoint's model is built from its hf_config/ and loaded with its weights.
     """
-    from .checkpoint import CheckpointError
     from .export import load_checkpoint_model
     from .tokenizer import load_tokenizer
 
@@ -148,13 +174,14 @@ def load_trained(path, device: str = "cpu") -> Trained:
             raise FileNotFoundError(f"no model here: no HF export (config.json with weights), no final/, "
                                     f"and {e}") from None
     log.info("loaded %s from %s", type(model).__name__, path)
-    return Trained(model.eval().to(device), tokenizer, path if _is_export(path) else path / "tokenizer", path,
+    return Trained(never_padded(model).eval().to(device), tokenizer, path if _is_export(path) else path / "tokenizer", path,
                    run_config(path))
 
 
-def count_parameters(model) -> int:
+def count_parameters(model, trainable_only: bool = False) -> int:
     """Unique parameters: GPT-2 ties the LM head to the token embedding."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
+               if p.requires_grad or not trainable_only)
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -184,9 +211,10 @@ def forward_loss(model, input_ids: torch.Tensor, loss_fn) -> torch.Tensor:
     For GPT-2 the model stops at the final hidden states and the LM head is fused into
     the loss (see loss.fused_linear_loss); any other model computes its logits.
     The call still goes through the wrapped model, so DDP and autocast see it; no KV
-    cache is built, as HF models otherwise do in training too.
+    cache is built, as HF models otherwise do in training too. Under LoRA the peft wrapper
+    passes the call through to the GPT-2 inside, whose (frozen) head the fused loss reads.
     """
-    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    inner = base_of(extract_model_from_parallel(model, keep_torch_compile=False))
     if not isinstance(inner, GPT2LMHeadModel) or not hasattr(loss_fn, "token_weights"):
         return loss_fn(model(input_ids=input_ids, use_cache=False).logits, input_ids)
     no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)

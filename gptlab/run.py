@@ -7,20 +7,29 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .checkpoint import Checkpoints, export_hf, plan_run_dir
-from .data.blocks import TrainOrder
+from .checkpoint import Checkpoints, plan_run_dir
+from .checkpoint_io import export_hf
+from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
-from .distributed import agree_run_dir, make_accelerator, setup_logging, wrap_parallel
+from .data.sources import HfSource
+from .distributed import (agree_run_dir, apply_activation_checkpointing, is_sharded, make_accelerator,
+                          prepare_model, setup_logging)
+from .export import export_checkpoint
 from .generate import log_samples
+from .hub import pin_hub_ids
+from .lock import release_run_dirs
+from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
 from .optim import build_optimizer
-from .tokenizer import check_vocab
+from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
+# The final metrics next to the hyperparameters in TensorBoard's HParams tab.
+HPARAM_METRICS = ("eval/loss", "eval/perplexity", "train/tokens_per_s")
 
 
 def _save_config(cfg, run_dir: Path) -> None:
@@ -35,6 +44,12 @@ def _save_config(cfg, run_dir: Path) -> None:
     (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
 
 
+def _saved_config(run_dir: Path, resume):
+    """The config an earlier launch of this run saved, when this launch resumes it."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    return OmegaConf.load(path) if resume and path.is_file() else None
+
+
 def resolve_max_steps(tc, order: TrainOrder) -> int:
     if tc.epochs is None:
         return tc.max_steps
@@ -42,15 +57,30 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    try:
+        return _run(cfg)
+    finally:
+        release_run_dirs()  # the lock agree_run_dir took, also when the run fails
+
+
+def _run(cfg) -> dict:
     check_config(cfg)
     check_environment(cfg, torch.cuda.is_available())
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
+    tc = cfg.trainer
+    # Resolved here, once, for this launch's process count; the saved config records the value used.
+    tc.grad_accum = plan_grad_accum(tc.micro_batch_size, accelerator.num_processes, tc.global_batch_size,
+                                    tc.grad_accum)
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
-        cfg.tokenizer.path = cfg.model.pretrained_path  # the model's own tokenizer, never retrained
+        cfg.tokenizer.revision = cfg.model.revision  # the model's own tokenizer, never retrained
+    cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config
+    # Before the config is saved: the run dir and every checkpoint store the pinned commits.
+    pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), datasets=HfSource.reads_repo(cfg.data),
+                previous=_saved_config(run_dir, cfg.resume))
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s%s", run_dir,
@@ -69,33 +99,44 @@ def run(cfg) -> dict:
 
     model = build_model(cfg.model, tokenizer, cfg.data.block_size)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+    lora_base = None
+    if cfg.model.lora.r > 0:  # freeze the model, train adapters; the base is referenced, not checkpointed
+        lora_base = base_reference(model, cfg.model, run_dir, main)
+        model = apply_lora(model, cfg.model.lora)
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.optim)
+    n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
+    # (the optimizer state's bytes are logged after step 1, when the moments exist: footprint.py)
+    log.info("parameters: %s trainable of %s (%.3g%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
-    model, optimizer = accelerator.prepare(wrap_parallel(model, cfg.trainer.parallel), optimizer)
+    model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
-    tc = cfg.trainer
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     max_steps = resolve_max_steps(tc, order)
     check_warmup(cfg.scheduler.warmup_steps, max_steps)
     global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
-    log.info("global batch %d = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
-             "%d steps (%.2f epochs)", global_batch, tc.micro_batch_size, tc.grad_accum,
+    log.info("global batch %d%s = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
+             "%d steps (%.2f epochs)", global_batch,
+             " (trainer.global_batch_size; grad_accum derived)" if tc.global_batch_size else "",
+             tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
                       resume_step=start_step if cfg.resume else None)
 
-    def sample(step: int) -> None:  # after every evaluation, on the main process only
-        if main and tc.sample_prompts:
+    sharded = is_sharded(model)
+
+    def sample(step: int) -> None:  # after every evaluation, on the main process (FSDP: on all, in step)
+        if (main or sharded) and tc.sample_prompts:
             log_samples(accelerator.unwrap_model(model), tokenizer, tc.sample_prompts, step, tracker,
                         tc.sample_max_new_tokens, cfg.seed, cfg.generate)
 
@@ -107,8 +148,13 @@ def run(cfg) -> dict:
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
         elif main:
+            tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
+                            {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
-            export_hf(unwrapped, tokenizer, run_dir / "final")
+            if sharded:  # from the final checkpoint's shards: no process gathers the model
+                export_checkpoint(checkpoints.latest, run_dir / "final")
+            else:
+                export_hf(unwrapped, tokenizer, run_dir / "final")
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
                      result.get("eval/loss", float("nan")), run_dir / "final")

@@ -6,17 +6,47 @@ into the run directory next to the model whose embedding it must fit.
 """
 import hashlib
 import logging
+import math
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from .validate import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
+
+
+def tokenizer_path(cfg) -> Optional[str]:
+    """Where a config's tokenizer comes from; None means a BPE trained on the train split.
+
+    The one place this is decided: training, `prepare` and the cache key all ask here,
+    so `prepare` builds exactly the cache a run with the same overrides reads.
+    """
+    return cfg.tokenizer.path or cfg.model.pretrained_path or None  # a model's own tokenizer, never retrained
+
+
+def sample_evenly(texts: Iterable[str], total_bytes: int, max_bytes: Optional[int]) -> Iterator[str]:
+    """At most `max_bytes` (UTF-8) of whole documents, spread evenly over `texts`.
+
+    `total_bytes` is the size of all of them (an estimate is fine): document i is kept
+    when the running fraction max_bytes/total_bytes crosses an integer there, so the
+    sample is deterministic and covers the corpus from start to end, not its first part.
+    """
+    if max_bytes is None or total_bytes <= max_bytes:
+        yield from texts
+        return
+    fraction, read = max_bytes / total_bytes, 0
+    for i, text in enumerate(texts):
+        if math.floor((i + 1) * fraction) > math.floor(i * fraction):
+            size = len(text.encode())
+            if read + size > max_bytes:
+                continue
+            read += size
+            yield text
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,

@@ -41,11 +41,37 @@ class Tracker:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
 
+    def hparams(self, config: dict, metrics: dict) -> None:
+        """The resolved config and the run's final metrics, for TensorBoard's HParams tab
+        (the Lightning convention): each run's own event file says which settings gave
+        which final eval/loss, so several runs compare in one table. The metric values
+        are the scalars of the same names that the run already logged."""
+        if not self.writer:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(flat_hparams(config), dict(metrics)):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()
         if self.jsonl:
             self.jsonl.close()
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; HParams takes numbers, strings and bools."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix + key] = value
+        else:  # None and lists, as they read in the config
+            flat[prefix + key] = json.dumps(value, ensure_ascii=False)
+    return flat
 
 
 def supersede_jsonl(path: Path, step: int) -> None:

@@ -6,10 +6,13 @@ Three moments, called from run.py:
 - check_run: once the model and data exist (positions, vocab, batch sizes, disk).
 
 Every failure is a ConfigError naming the key and the bad value; train.py prints
-a GptlabError as one line and exits non-zero.
+a GptlabError as one line and exits non-zero. A check that needs a stage's knowledge
+(the model's positions, the loss names, the optimizer names) lives in that stage and
+is called from here, so imports run one way: run -> validate -> stages -> errors.
 """
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,10 +21,17 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from .distributed import fsdp_asked
+from .errors import ConfigError, GptlabError, MissingPathError  # noqa: F401  (their old home; still importable here)
+from .lora import check_lora_config
+from .loss import check_loss_config
+from .model import check_block_size, count_parameters
+from .optim import build_optimizer, lr_at
+
 log = logging.getLogger(__name__)
 
 POSITIVE = (
-    "trainer.micro_batch_size", "trainer.grad_accum", "trainer.max_steps", "trainer.eval_every",
+    "trainer.micro_batch_size", "trainer.grad_accum", "trainer.global_batch_size", "trainer.max_steps", "trainer.eval_every",
     "trainer.log_every", "trainer.max_skips", "trainer.sample_max_new_tokens", "trainer.cpu_threads",
     "model.n_layer", "model.n_head", "model.n_embd", "model.n_positions",
 )
@@ -29,18 +39,6 @@ MIXED_PRECISION = (None, "no", "fp16", "bf16", "fp8")
 NONFINITE = ("skip", "stop")
 # fp32 weights plus AdamW's two fp32 moments.
 CHECKPOINT_BYTES_PER_PARAM = 12
-
-
-class GptlabError(Exception):
-    """An error the user can act on: train.py prints it as one line, without a traceback."""
-
-
-class ConfigError(GptlabError, ValueError):
-    """A config value that is bad on its own or does not fit the model, data or machine."""
-
-
-class MissingPathError(ConfigError, FileNotFoundError):
-    """A config value names a file or directory that is not there."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -74,7 +72,6 @@ def check_config(cfg) -> None:
              f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
     _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
 
-    from .model import check_block_size
     check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
     if not mc.pretrained_path:  # a pretrained model brings its own shape
         _require(mc.n_embd % mc.n_head == 0, f"model.n_embd={mc.n_embd} is not divisible by model.n_head={mc.n_head}")
@@ -96,45 +93,30 @@ def check_config(cfg) -> None:
     _require(sc.min_lr >= 0, f"scheduler.min_lr={sc.min_lr} must be >= 0")
     _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
     if oc.name == "muon":
-        _check_muon(oc, tc)
+        _check_muon(oc)
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     _check_names(cfg)
-
-    from .loss import LOSSES
-    lc = cfg.loss
-    _require(lc.name in LOSSES, f"loss.name={lc.name} must be one of {', '.join(LOSSES)}")
-    _require(lc.alpha > 0, f"loss.alpha={lc.alpha} must be > 0: it scales every sample's weight")
-    _require(lc.name != "keytoken" or len(lc.keywords) > 0, "loss=keytoken needs loss.keywords; the list is empty")
+    check_loss_config(cfg.loss)
+    check_lora_config(mc.lora)
 
 
-def _check_muon(oc, tc) -> None:
+def _check_muon(oc) -> None:
     _require(oc.muon_lr > 0 and math.isfinite(oc.muon_lr), f"optim.muon_lr={oc.muon_lr} must be a positive number")
     _require(oc.muon_weight_decay >= 0, f"optim.muon_weight_decay={oc.muon_weight_decay} must be >= 0")
     _require(0 <= oc.momentum < 1, f"optim.momentum={oc.momentum} must be in [0, 1)")
     _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
     # Newton-Schulz orthogonalises a whole matrix; a sharded parameter holds only a slice of it.
-    _require(tc.parallel != "fsdp", "optim=muon does not support trainer.parallel=fsdp: Muon needs each "
-                                    "weight matrix whole on every rank; use ddp, or optim=adamw with fsdp")
+    _require(not fsdp_asked(), "optim=muon with an FSDP launch: Newton-Schulz needs each weight matrix whole, "
+                               "and FSDP shards it over the processes; launch with DDP, or use optim=adamw with FSDP")
 
 
 def _check_names(cfg) -> None:
     """Optimizer and schedule names, asked of the code that knows them (one source of truth)."""
-    from .optim import build_optimizer, lr_at
-
     try:
         lr_at(1, cfg.optim.lr, 2, 0, 0.0, cfg.scheduler.name, cfg.scheduler.decay_fraction, cfg.scheduler.decay)
         build_optimizer(torch.nn.Linear(1, 1), cfg.optim)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def fast_cpu_precision(precision: str) -> bool:
-    """Whether this CPU has native matmul for the dtype; otherwise torch emulates it."""
-    if precision == "bf16":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if precision == "fp16":
-        return torch.cpu._is_amx_fp16_supported()
-    return False
 
 
 def check_environment(cfg, cuda: bool) -> None:
@@ -145,6 +127,11 @@ def check_environment(cfg, cuda: bool) -> None:
     if cuda and mp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ConfigError(f"trainer.mixed_precision=bf16: {torch.cuda.get_device_name()} has no native bf16; "
                           "use fp16 or no")
+    # An FSDP launch (launch/accelerate/fsdp.yaml) sets this; sharding peft's mix of frozen and
+    # trainable parameters is not tested yet.
+    _require(not (fsdp_asked() and cfg.model.lora.r > 0),
+             "model.lora.r>0 under an FSDP launch is not supported yet: launch with DDP (LoRA's gradients and "
+             "optimizer state are small), or set model.lora.r=0")
     check_writable("run_dir", cfg.run_dir or "outputs")
     check_writable("cache_dir", cfg.cache_dir)
 
@@ -179,8 +166,6 @@ def check_disk(run_dir: Path, n_params: int) -> None:
 
 def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_dir: Path) -> None:
     """The model and data against each other and the config; before the optimizer exists."""
-    from .model import count_parameters
-
     T, b = cfg.data.block_size, cfg.trainer.micro_batch_size
     _require(len(train_blocks) >= b,
              f"the training set has {len(train_blocks)} blocks of data.block_size={T}, fewer than one "
@@ -190,4 +175,4 @@ def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_di
              f"the validation set has {len(valid_blocks)} blocks of data.block_size={T}, fewer than one batch "
              f"(trainer.micro_batch_size={b} x {num_processes} process(es) = {need}); "
              "give it more data or lower data.block_size")
-    check_disk(run_dir, count_parameters(model))
+    check_disk(run_dir, count_parameters(model, trainable_only=True))  # LoRA checkpoints hold only the adapters

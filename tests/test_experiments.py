@@ -16,8 +16,7 @@ from conftest import SHARED, compose, read_metrics, requires_shared, run_trainin
 TOLSTOY = SHARED / "tolstoy"
 TINY_GPT2 = SHARED / "models" / "tiny-random-gpt2"
 EXPERIMENTS = ["tolstoy_scratch", "tolstoy_finetune", "codeparrot", "jsonl_finetune", "wikibooks"]
-REQUIRED = {"tolstoy_finetune": ["model.pretrained_path=/m"], "jsonl_finetune": ["model.pretrained_path=/m",
-            "data.files=[a.jsonl]", "data.valid_files=[b.jsonl]"], "codeparrot": ["data.files=[a.json]"],
+REQUIRED = {"jsonl_finetune": ["model.pretrained_path=/m", "data.files=[a.jsonl]", "data.valid_files=[b.jsonl]"],
             "wikibooks": ["data.db=w.sqlite"]}
 
 # (key, value) pairs of the seeds, as the issue lists them
@@ -26,20 +25,23 @@ SEED_SETTINGS = {
                         "model.pretrained_path": None, "tokenizer.path": None, "optim.lr": 5e-5,
                         "scheduler.warmup_steps": 200, "trainer.sample_prompts": ["Пьер закашлялся и"],
                         "trainer.save_every": 1500, "trainer.keep_last": 3},
-    "tolstoy_finetune": {"data.source": "librus_html", "model.pretrained_path": "/m", "optim.lr": 5e-5,
+    "tolstoy_finetune": {"data.source": "librus_html", "model.pretrained_path": "ai-forever/rugpt3small_based_on_gpt2",
+                         "model.revision": None, "optim.lr": 5e-5,
                          "scheduler.warmup_steps": 200, "generate.top_k": 3, "generate.do_sample": True,
                          "trainer.sample_prompts": ["Мне нравится, что вы "]},
-    "codeparrot": {"data.source": "hf", "data.text_field": "content", "data.pack": "chunk", "data.block_size": 128,
+    "codeparrot": {"data.source": "hf", "data.builder": "huggingface-course/codeparrot-ds-train", "data.split": "train",
+                   "data.valid_builder": "huggingface-course/codeparrot-ds-valid", "data.text_field": "content",
+                   "data.pack": "chunk", "data.block_size": 128,
                    "data.keywords": ["pandas", "sklearn", "matplotlib", "seaborn"], "model.n_layer": 12,
                    "model.n_embd": 768, "loss.name": "keytoken", "loss.keywords": ["plt", "pd", "sk", "fit", "predict"],
                    "optim.name": "adamw", "optim.lr": 5e-4, "optim.weight_decay": 0.1, "scheduler.name": "cosine",
-                   "scheduler.warmup_steps": 1000, "trainer.micro_batch_size": 32, "trainer.grad_accum": 8,
+                   "scheduler.warmup_steps": 1000, "trainer.micro_batch_size": 32, "trainer.global_batch_size": 256,
                    "trainer.eval_every": 5000, "trainer.mixed_precision": "fp16"},
     "jsonl_finetune": {"data.source": "jsonl", "data.text_field": "input", "optim.name": "adam", "optim.lr": 1e-5,
                        "trainer.epochs": 32, "data.valid_files": ["b.jsonl"]},
     "wikibooks": {"data.source": "sqlite", "data.query": "SELECT body_text FROM ru LIMIT 3300",
                   "data.valid_fraction": 0.2, "data.split_seed": 0, "data.block_size": 64, "optim.name": "adafactor",
-                  "optim.lr": 2e-4, "scheduler.name": "cosine", "trainer.grad_accum": 2,
+                  "optim.lr": 2e-4, "scheduler.name": "cosine", "trainer.global_batch_size": 128,
                   "trainer.micro_batch_size": 64, "trainer.save_every": 1000, "seed": 42, "generate.num_beams": 2, "generate.temperature": 1.5,
                   "generate.top_p": 0.9},
 }
@@ -55,8 +57,7 @@ def test_experiment_composes_with_the_seed_settings(name):
     assert len(cfg.trainer.sample_prompts) == (4 if name == "codeparrot" else 1)
 
 
-@pytest.mark.parametrize("name, key", [("tolstoy_finetune", "model.pretrained_path"), ("codeparrot", "data.files"),
-                                       ("jsonl_finetune", "model.pretrained_path"), ("wikibooks", "data.db")])
+@pytest.mark.parametrize("name, key", [("jsonl_finetune", "model.pretrained_path"), ("wikibooks", "data.db")])
 def test_a_missing_required_setting_is_named(name, key, tmp_path):
     with pytest.raises(Exception, match=f"needs {key}="):
         run_training([f"experiment={name}", f"run_dir={tmp_path}"])
@@ -126,7 +127,7 @@ def test_codeparrot_on_a_local_json_dataset(tmp_path, cache_dir):
     train, valid = tmp_path / "train.json", tmp_path / "valid.json"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     valid.write_text(json.dumps({"content": "from sklearn.ensemble import RandomForestRegressor\n" + code[0]}) + "\n")
-    run_training(smoke(tmp_path / "run", cache_dir, "experiment=codeparrot", f"data.files=[{train}]",
+    run_training(smoke(tmp_path / "run", cache_dir, "experiment=codeparrot", "data.builder=json", f"data.files=[{train}]",
                        f"data.valid_files=[{valid}]", "trainer.epochs=null", "trainer.grad_accum=2"))
     _, samples = check_run(tmp_path / "run")
     rows = read_metrics(tmp_path / "run")

@@ -95,7 +95,7 @@ def test_stop_halts_at_the_step_before_updating(tmp_path, cache_dir, monkeypatch
 
 
 def test_stop_reports_a_failed_save_and_the_previous_checkpoint_still_loads(tmp_path, cache_dir, monkeypatch):
-    from gptlab.checkpoint import find_checkpoint, read_trainer_state
+    from gptlab.checkpoint_io import find_checkpoint, read_trainer_state
 
     disk_full_at_step(monkeypatch, 3)
     Probe(monkeypatch, {4: NAN})
@@ -223,7 +223,7 @@ def test_cli_instability_stops_with_the_step_number(tmp_path, cache_dir):
     assert last.startswith("error: step 2: non-finite loss"), last
     assert last.endswith(f"(trainer.nonfinite=stop); the state after step 1 is saved in "
                          f"{tmp_path}/checkpoints/step_0000001"), last
-    from gptlab.checkpoint import read_trainer_state
+    from gptlab.checkpoint_io import read_trainer_state
     assert read_trainer_state(tmp_path / "checkpoints" / "step_0000001")["step"] == 1
 
 
@@ -231,6 +231,7 @@ def test_cli_instability_stops_with_the_step_number(tmp_path, cache_dir):
 FUZZ = {
     "trainer.micro_batch_size": [-1, 0, 1, 4],
     "trainer.grad_accum": [0, 1, 2],
+    "trainer.global_batch_size": ["null", 0, 6, 8],
     "trainer.max_steps": [-3, 0, 1, 2],
     "trainer.eval_every": [0, 1, 3],
     "trainer.log_every": [-1, 1, 2],

@@ -120,6 +120,21 @@ def test_evaluate_cli(trained_run, tmp_path, capsys):
     assert half["tokens"] == half["blocks"] * 31 and half["loss"] != out["loss"]
 
 
+def test_evaluate_another_data_group_keeps_the_models_block_size(trained_run, tmp_path, tiny_corpus):
+    """data=GROUP brings the group's default block_size (256); the model was trained at 64 with 128 positions."""
+    from gptlab.evaluate import eval_config, main
+
+    run_dir, _ = trained_run
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(p.read_text() for p in sorted(tiny_corpus.iterdir())))
+    out = main([str(run_dir), "data=text", f"data.files=[{text}]"])
+    assert out["block_size"] == 64 and out["tokens"] == out["blocks"] * 63 and out["blocks"] > 0
+    given = eval_config(None, ["data=text", f"data.files=[{text}]", "data.block_size=32"], TINY_GPT2, 1024)
+    assert given.data.block_size == 32
+    foreign = eval_config(None, ["data=text", f"data.files=[{text}]"], TINY_GPT2, 1024)
+    assert foreign.data.block_size == 1024 and foreign.tokenizer.path == str(TINY_GPT2)
+
+
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -38,13 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def launch_env(tmp_path_factory):
     # An empty HF_HOME: no accelerate default_config.yaml of the user's can change a launch.
     return {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf_home"))}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def corpus(tmp_path_factory):
     src = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("launch") / "corpus"
@@ -153,7 +153,7 @@ def reference(tmp_path_factory, corpus, cache_dir, launch_env):
     return SimpleNamespace(run_dir=run_dir, wall_s=wall_s)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_fsdp.py
 def ddp2(tmp_path_factory, corpus, cache_dir, launch_env):
     """cpu_ddp2.yaml (= `--multi_gpu --num_processes 2`), grad_accum=2, NO run_dir, from an empty cwd."""
     cwd = tmp_path_factory.mktemp("ddp2_cwd")
@@ -169,6 +169,7 @@ def ddp2(tmp_path_factory, corpus, cache_dir, launch_env):
 def test_two_processes_train_exactly_like_one(reference, ddp2):
     assert logged_world(reference.run_dir) == (1, "NO")
     assert logged_world(ddp2.run_dir) == (2, "MULTI_CPU")
+    assert (ddp2.run_dir / "run.lock").is_file()  # taken by rank 0 alone: a second taker would have failed
     log = (ddp2.run_dir / "train.log").read_text()
     assert "global batch 16 = micro 4 x accum 2 x 2 process(es); 1024 tokens per optimizer step" in log
     assert_same_training(ddp2.run_dir, reference.run_dir)
@@ -184,7 +185,7 @@ def test_two_process_run_writes_one_run_dir(ddp2):
     run_dir = ddp2.run_dir
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_dir.name)
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra", "checkpoints", "final", "metrics.jsonl", "tb", "tokenizer", "train.log"]
+        ".hydra", "checkpoints", "final", "metrics.jsonl", "run.lock", "tb", "tokenizer", "train.log"]
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event stream, from rank 0 only
     rows = read_metrics(run_dir)
@@ -319,7 +320,7 @@ def test_every_accelerate_config_loads():
     from accelerate.utils import DistributedType
 
     configs = sorted((LAUNCH / "accelerate").glob("*.yaml"))
-    assert {p.stem for p in configs} == {"cpu", "cpu_ddp2", "single_gpu", "multi_gpu", "multi_node"}
+    assert {p.stem for p in configs} == {"cpu", "cpu_ddp2", "single_gpu", "multi_gpu", "multi_node", "fsdp"}
     valid = {t.value for t in DistributedType}
     for path in configs:
         text = path.read_text()
@@ -328,8 +329,12 @@ def test_every_accelerate_config_loads():
         assert raw["distributed_type"] in valid, f"{path.name}: {raw['distributed_type']!r}"
         loaded = load_config_from_file(str(path))  # accelerate's own parser: unknown keys fail
         # MULTI_CPU would start one process without mpirun (see cpu_ddp2.yaml)
-        assert loaded.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
-        assert (loaded.num_processes > 1) == (loaded.distributed_type == DistributedType.MULTI_GPU)
+        assert loaded.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP)
+        assert (loaded.num_processes > 1) == (loaded.distributed_type != DistributedType.NO)
+    fsdp = load_config_from_file(str(LAUNCH / "accelerate" / "fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "GPT2Block"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     multi_node = load_config_from_file(str(LAUNCH / "accelerate" / "multi_node.yaml"))
     assert multi_node.num_machines > 1 and multi_node.main_process_ip and multi_node.main_process_port
 
@@ -352,8 +357,9 @@ with open(f"got{rank}.txt", "w") as f:
 """
 
 # A stand-in srun: one copy of the command per node with SLURM_NODEID set, signals passed on
-# to every copy (what the real srun does with the signals it receives).
+# to every copy. The stand-in scancel signals it, as the real one signals every job step.
 FAKE_SRUN = """#!/usr/bin/env bash
+echo $$ > srun.pid
 while [[ $1 == --* ]]; do shift; done
 pids=()
 for ((n = 0; n < SLURM_NNODES; n++)); do
@@ -403,7 +409,7 @@ def _ready(cwd, rank):
 @pytest.mark.slow
 def test_sbatch_passes_overrides_and_forwards_usr1_to_every_trainer(tmp_path):
     """train.sbatch as a 2-node job (1 GPU each) on this machine, with stand-ins for srun,
-    scontrol and the trainer. SLURM's time-limit warning (SIGUSR1 to the batch script)
+    scontrol, scancel and the trainer (tests/slurm/ runs it on a real cluster). SLURM's time-limit warning (SIGUSR1 to the batch script)
     must reach the trainer on every node as SIGTERM, and the job must end cleanly."""
     (tmp_path / "train.py").write_text(FAKE_TRAINER)
     (tmp_path / "launch").symlink_to(LAUNCH)
@@ -411,6 +417,7 @@ def test_sbatch_passes_overrides_and_forwards_usr1_to_every_trainer(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "scancel").write_text("#!/bin/sh\nkill -TERM $(cat srun.pid)\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -420,8 +427,11 @@ def test_sbatch_passes_overrides_and_forwards_usr1_to_every_trainer(tmp_path):
     rc, out = _run_until_ready_then_signal(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "debug=smoke",
                                             ODD_OVERRIDE], tmp_path, env, signal.SIGUSR1)
     assert "2 node(s) x 1 GPU(s) = 2 process(es)" in out
+    # The script adds the job's run directory (the same on a requeue) and resume=auto.
+    run_dir = f"run_dir={tmp_path}/outputs/default/slurm-4242"
     for rank in (0, 1):
-        assert _ready(tmp_path, rank) == {"argv": ["debug=smoke", ODD_OVERRIDE], "world_size": "2"}
+        assert _ready(tmp_path, rank) == {"argv": [run_dir, "resume=auto", "debug=smoke", ODD_OVERRIDE],
+                                          "world_size": "2"}
         assert (tmp_path / f"got{rank}.txt").read_text() == "SIGTERM", out[-4000:]
     assert rc == 0, out[-4000:]
 

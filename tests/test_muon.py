@@ -99,17 +99,17 @@ def test_muon_steps_and_its_state_round_trips():
     assert fresh.param_groups[0] is fresh.inner[0].param_groups[0]
 
 
-def test_muon_config_errors_before_step_1():
+def test_muon_config_errors_before_step_1(monkeypatch):
     from gptlab.validate import ConfigError, check_config
 
     with pytest.raises(ConfigError, match="optim.muon_lr=0.0 must be a positive number"):
         check_config(compose(["optim=muon", "optim.muon_lr=0"]))
     with pytest.raises(ConfigError, match="optim.momentum=1.0 must be in"):
         check_config(compose(["optim=muon", "optim.momentum=1.0"]))
-    cfg = compose(["optim=muon"])
-    cfg.trainer.parallel = "fsdp"  # what the FSDP2 work selects a sharded run with
-    with pytest.raises(ConfigError, match="optim=muon does not support trainer.parallel=fsdp"):
-        check_config(cfg)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what launch/accelerate/fsdp.yaml sets
+    with pytest.raises(ConfigError, match="optim=muon with an FSDP launch"):
+        check_config(compose(["optim=muon"]))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     with pytest.raises(ConfigError, match="scheduler.decay_fraction=0.0 must be in"):
         check_config(compose(["scheduler=wsd", "scheduler.decay_fraction=0"]))
     with pytest.raises(ConfigError, match="scheduler.decay='cubic'"):

@@ -175,8 +175,9 @@ def test_hf_missing_column_and_bad_builder(tmp_path):
     with pytest.raises(S.DataError, match=r"data.text_field='text' is not a column of .*code.jsonl "
                                           r"\(columns: content\)"):
         docs(S.HfSource(settings(builder="json", files=[jsonl], text_field="text"), tmp_path))
-    with pytest.raises(S.DataError, match="data.builder='codeparrot/x': choose one of json, csv"):
-        S.HfSource(settings(builder="codeparrot/x", files=[jsonl]), tmp_path)
+    with pytest.raises(S.DataError, match=r"data.builder='no/such/dir': choose one of json, csv, .*, a Hub "
+                                          r"dataset id \(org/name\) or a local dataset directory"):
+        S.HfSource(settings(builder="no/such/dir", files=[jsonl]), tmp_path)
 
 
 # ---------------------------------------------------------------- source lists

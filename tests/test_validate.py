@@ -60,8 +60,8 @@ def test_config_table(override, message):
 
 
 def test_an_experiment_setting_left_unset_is_named():
-    with pytest.raises(ConfigError, match=r"^this experiment needs data\.files=\.\.\. on the command line$"):
-        check_config(compose(["experiment=codeparrot"]))
+    with pytest.raises(ConfigError, match=r"^this experiment needs data\.db=\.\.\. on the command line$"):
+        check_config(compose(["experiment=wikibooks"]))
 
 
 def test_fine_tune_mode_checks_the_pretrained_model(tmp_path):
@@ -110,7 +110,7 @@ def test_low_precision_on_a_cpu_without_native_support_falls_back_to_fp32(precis
 
 def test_this_cpu_is_judged_by_its_real_capabilities():
     from gptlab.distributed import resolve_mixed_precision
-    from gptlab.validate import fast_cpu_precision
+    from gptlab.distributed import fast_cpu_precision
 
     for precision in ("bf16", "fp16"):
         expected = precision if fast_cpu_precision(precision) else "no"

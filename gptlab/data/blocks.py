@@ -11,6 +11,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
+
+def plan_grad_accum(micro_batch_size: int, num_processes: int, global_batch_size=None, grad_accum=None) -> int:
+    """The one place that decides the batch: grad_accum from trainer.global_batch_size and the launch.
+
+    global batch = micro_batch_size x grad_accum x num_processes (sequences per optimizer step).
+    With global_batch_size set, grad_accum follows from it, so one recipe trains the same on
+    1 or 8 processes; an explicit grad_accum must then agree. Without it, grad_accum (default 1)
+    decides and the global batch grows with the process count.
+    """
+    if global_batch_size is None:
+        return grad_accum or 1
+    unit = micro_batch_size * num_processes
+    per_step = f"trainer.micro_batch_size={micro_batch_size} x {num_processes} process(es) = {unit}"
+    if global_batch_size % unit:
+        below, above = global_batch_size // unit * unit, (global_batch_size // unit + 1) * unit
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ConfigError(f"trainer.global_batch_size={global_batch_size} is not divisible by {per_step}; "
+                          f"nearest valid global_batch_size: {nearest} (or change micro_batch_size)")
+    derived = global_batch_size // unit
+    if grad_accum is not None and grad_accum != derived:
+        raise ConfigError(f"trainer.grad_accum={grad_accum} disagrees with trainer.global_batch_size="
+                          f"{global_batch_size}: {per_step} needs grad_accum={derived}; drop trainer.grad_accum "
+                          f"(it is derived) or set global_batch_size={unit * grad_accum}")
+    return derived
+
 
 class TokenBlocks:
     def __init__(self, path: Path, dtype: str, block_size: int):

@@ -19,7 +19,8 @@ from typing import List
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+from ..hub import is_hub_id, resolve
+from ..tokenizer import load_tokenizer, sample_evenly, tokenizer_hash, tokenizer_path, train_bpe
 from .blocks import TokenBlocks
 from .cache import build_once, fingerprint, read_meta
 from .filters import labelled_documents, plan_split
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 SOURCES = {cls.name: cls for cls in (PythonSource, TextSource, JsonlSource, SqliteSource, HfSource, LibrusSource)}
 # Keys a list entry of data.source may override for itself.
 SOURCE_KEYS = ("files", "valid_files", "encoding", "text_unit", "text_field", "db", "query", "valid_query",
-               "builder", "streaming", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
+               "builder", "streaming", "config_name", "revision", "split", "valid_builder", "valid_revision",
+               "valid_split", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
                "download_retries", "download_max_bytes", "keywords", "min_chars")
 PACKS = ("concat", "chunk")
 TEXT_UNITS = ("file", "paragraph", "line")
@@ -95,19 +97,44 @@ def _check(dc, sources) -> None:
 def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path, is_builder: bool):
     """(tokenizer, content hash): loaded from tokenizer.path, or a BPE trained on the train split."""
     tc = cfg.tokenizer
-    if tc.path:
-        return load_tokenizer(tc.path), tokenizer_hash(tc.path)
+    path = tokenizer_path(cfg)
+    if path:  # a directory or a Hub id; the cache key hashes the files, never the id
+        if is_hub_id(path):
+            revision = tc.revision if tc.path else cfg.model.revision
+            path = resolve(path, revision, key="tokenizer.path", weights=False).path
+        return load_tokenizer(path), tokenizer_hash(path)
+    plan = read_meta(split_dir)
+    # chars of the kept documents, valid ones included: an upper estimate of the train
+    # split's size, close to its bytes for mostly-ASCII text.
+    corpus_chars = plan["train"]["chars"]
+    cap = tc.max_train_bytes
+    sampled = cap is not None and corpus_chars > cap
     key = fingerprint({"corpus": corpus_key, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
-                       "special_tokens": list(tc.special_tokens)})
+                       "special_tokens": list(tc.special_tokens),
+                       # only a cap that cuts changes the tokenizer, so only then does it key it
+                       **({"max_train_bytes": cap} if sampled else {})})
 
     def build(tmp: Path) -> dict:
-        plan = read_meta(split_dir)
         n_train = plan["train"]["kept"] - (0 if plan["explicit_valid"] else plan["n_valid"])
-        log.info("training a %d-token byte-level BPE on %d documents", tc.vocab_size, n_train)
         texts = (text for valid, text in labelled_documents(sources, plan, cfg.data.split_seed) if not valid)
-        tok = train_bpe(texts, tc.vocab_size, tc.min_frequency, list(tc.special_tokens), length=n_train)
+        seen = {"documents": 0, "bytes": 0}
+
+        def counted(texts):
+            for text in texts:
+                seen["documents"] += 1
+                seen["bytes"] += len(text.encode())
+                yield text
+
+        if sampled:
+            log.info("tokenizer.max_train_bytes=%d: the BPE reads an even sample of the ~%d-character train split",
+                     cap, corpus_chars)
+        log.info("training a %d-token byte-level BPE on the train split (%d documents)", tc.vocab_size, n_train)
+        tok = train_bpe(counted(sample_evenly(texts, corpus_chars, cap)), tc.vocab_size, tc.min_frequency,
+                        list(tc.special_tokens), length=n_train)
+        log.info("the BPE was trained on %d documents, %.1f MB", seen["documents"], seen["bytes"] / 1e6)
         tok.save_pretrained(str(tmp))
-        return {"vocab_size": len(tok), "documents": n_train}
+        return {"vocab_size": len(tok), "documents": n_train, "sample_documents": seen["documents"],
+                "sample_bytes": seen["bytes"]}
 
     directory = build_once(cache_root / "tokenizers" / key, build, is_builder)
     return load_tokenizer(directory), tokenizer_hash(directory)

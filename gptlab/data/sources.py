@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator, List, Sequence, Tuple
 
-from ..validate import GptlabError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ MAX_FILE_BYTES = 500_000
 READ_BLOCK_BYTES = 1 << 20
 
 Doc = Tuple[str, str]
-
-
-class DataError(GptlabError, ValueError):
-    """Bad data input: a one-line message that names the file, line or setting."""
 
 
 class MissingFileError(DataError, FileNotFoundError):
@@ -227,16 +223,18 @@ class JsonlSource(FileSource):
 
 
 class HfSource(FileSource):
-    """`datasets.load_dataset(builder, data_files=...)`, or `load_from_disk` for builder=disk."""
+    """`datasets.load_dataset(builder, data_files=...)`, `load_from_disk` for builder=disk, or a
+    dataset repo: a Hub id (through the HF cache, see hub.py) or a local directory laid out like one."""
     name = "hf"
     KEYS = ("builder", "text_field", "streaming")
     BUILDERS = ("json", "csv", "parquet", "arrow", "text", "disk")
 
     def __init__(self, settings, cache_root):
         if settings.builder not in self.BUILDERS:
-            raise DataError(f"data.builder={settings.builder!r}: choose one of {', '.join(self.BUILDERS)} "
-                            f"(local files only)")
-        if settings.builder == "disk":  # files are save_to_disk directories: stat what is inside
+            self.repos = self._repos(settings)
+            Source.__init__(self, settings, cache_root)
+            self.parts = {p: [r[0].path] if r else [] for p, r in self.repos.items()}
+        elif settings.builder == "disk":  # files are save_to_disk directories: stat what is inside
             for key in ("files", "valid_files"):
                 for d in getattr(settings, key):
                     if not Path(d).expanduser().is_dir():
@@ -249,18 +247,48 @@ class HfSource(FileSource):
         else:
             super().__init__(settings, cache_root)
 
+    @classmethod
+    def reads_repo(cls, dc) -> bool:
+        """Whether data.* reads dataset repos (data.builder is an id or a directory, not a file format)."""
+        return dc.source == "hf" and dc.builder not in cls.BUILDERS
+
+    @staticmethod
+    def _repos(s) -> dict:
+        """{part: (Snapshot, split) or None}; a missing id fails here, before any data work."""
+        from ..hub import HUB_ID, resolve
+
+        if not (Path(s.builder).expanduser().is_dir() or HUB_ID.match(s.builder)):
+            raise DataError(f"data.builder={s.builder!r}: choose one of {', '.join(HfSource.BUILDERS)}, "
+                            f"a Hub dataset id (org/name) or a local dataset directory")
+        train = resolve(s.builder, s.revision, key="data.builder", repo_type="dataset")
+        valid = None
+        if s.valid_builder:
+            valid = (resolve(s.valid_builder, s.valid_revision, key="data.valid_builder", repo_type="dataset"),
+                     s.valid_split or s.split)
+        elif s.valid_split:
+            valid = (train, s.valid_split)
+        return {"train": (train, s.split), "valid": valid}
+
     def fingerprint(self) -> dict:
-        if self.s.builder != "disk":
+        if self.s.builder in self.BUILDERS and self.s.builder != "disk":
             return super().fingerprint()
-        stats = {p: [file_stats(sorted(x for x in d.rglob("*") if x.is_file())) for d in ds]
-                 for p, ds in self.parts.items()}
-        return {**Source.fingerprint(self), "stats": stats}
+        if self.s.builder == "disk":
+            stats = {p: [file_stats(sorted(x for x in d.rglob("*") if x.is_file())) for d in ds]
+                     for p, ds in self.parts.items()}
+            return {**Source.fingerprint(self), "stats": stats}
+        return {**Source.fingerprint(self), "config_name": self.s.config_name,
+                "repos": {p: r and (_repo_identity(r[0]), r[1]) for p, r in self.repos.items()}}
 
     def _load(self, part: str):
         import datasets
 
         files = [str(p) for p in self.parts[part]]
         try:
+            if self.s.builder not in self.BUILDERS:
+                snapshot, split = self.repos[part]
+                return datasets.load_dataset(str(snapshot.path), self.s.config_name, split=split,
+                                             streaming=self.s.streaming,
+                                             cache_dir=str(self.cache_root / "hf_datasets"))
             if self.s.builder == "disk":
                 loaded = [datasets.load_from_disk(f) for f in files]
                 loaded = [d["train"] if isinstance(d, datasets.DatasetDict) else d for d in loaded]
@@ -288,6 +316,13 @@ class HfSource(FileSource):
             for text in batch[col]:
                 yield f"{part}/row{i}", text if isinstance(text, str) else ("" if text is None else str(text))
                 i += 1
+
+
+def _repo_identity(snapshot):
+    """A Hub snapshot is named by its commit; a local dataset directory by its files' stats."""
+    if snapshot.commit:
+        return [snapshot.repo_id, snapshot.commit]
+    return file_stats(sorted(x for x in snapshot.path.rglob("*") if x.is_file()))
 
 
 class SqliteSource(Source):

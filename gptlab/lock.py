@@ -1,0 +1,52 @@
+"""One live run per run directory: rank 0 holds an exclusive lock on `run_dir/run.lock`.
+
+The lock is a `flock` on an open file, so the kernel drops it when its process dies in
+any way (SIGKILL, OOM, a lost node's NFS lease expiring): a dead owner never blocks
+`resume=auto`. The file also names the owner (host, pid, start time) for the message
+a second run stops with. A process may take the lock of a directory it already holds
+(a run resumed in the same process, as the tests do).
+"""
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .errors import RunDirBusyError
+
+LOCK_FILE = "run.lock"
+_held: dict = {}  # run dir -> the open lock file of this process
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take the run directory or raise RunDirBusyError naming its live owner."""
+    path = (Path(run_dir) / LOCK_FILE).absolute()
+    if path in _held:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        try:
+            owner = json.loads(f.read())
+            who = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
+        except (ValueError, KeyError):
+            who = "a process that has not written its name yet"
+        f.close()
+        raise RunDirBusyError(f"run_dir={run_dir} is in use by a live run ({who}); wait for it to end, "
+                              "or choose another run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    f.flush()
+    _held[path] = f
+
+
+def release_run_dirs() -> None:
+    """Let go of every run directory this process holds (the end of a run, or its failure)."""
+    while _held:
+        _, f = _held.popitem()
+        f.close()  # closing the only descriptor drops the flock

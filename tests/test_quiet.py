@@ -1,0 +1,63 @@
+"""A newcomer's console: no warnings that are not the user's to act on."""
+import logging
+import warnings
+
+import pytest
+
+from conftest import ROOT, SHARED, requires_shared
+
+
+@requires_shared
+@pytest.mark.parametrize("prompt", ["def f(x):", "", "<|endoftext|>"])  # the last is the pad token itself
+def test_sampling_passes_the_attention_mask(prompt, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab.generate import generate
+    from gptlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(SHARED / "models" / "tiny-random-gpt2")
+    # a from-scratch model as gptlab builds it: pad = eos, so a pad id in the prompt is plausible
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tok), n_positions=32,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    logging.Logger.warning_once.cache_clear()  # transformers says it once per process: say it here if it would
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        generate(model, tok, prompt, max_new_tokens=3)
+        generate(model, tok, prompt, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [s for s in said if "attention_mask" in s or "attention mask" in s or "pad token" in s], said
+
+
+
+@requires_shared
+def test_a_block_that_starts_and_ends_with_eos_is_not_taken_for_padding(caplog):
+    """Packed blocks often start or end with eos, which is also the pad id."""
+    import torch
+
+    from conftest import compose
+    from gptlab.model import build_model
+    from gptlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(SHARED / "models" / "tiny-random-gpt2")
+    model = build_model(compose(["debug=smoke"]).model, tok, 16)
+    assert model.config.pad_token_id == tok.eos_token_id  # the export still knows its pad id
+    ids = torch.tensor([[tok.eos_token_id, 11, 12, tok.eos_token_id]])
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.INFO):
+        model(input_ids=ids)
+    assert "attention_mask" not in caplog.text
+
+def test_the_launch_file_the_readme_gives_is_quiet(caplog):
+    """Without an accelerate config, launch prints a block of defaults 'not passed';
+    `--config_file launch/accelerate/cpu.yaml` (or `accelerate config default`) silences it."""
+    from accelerate.commands import launch
+
+    parser = launch.launch_command_parser()
+    with caplog.at_level(logging.WARNING, logger=launch.logger.name):
+        launch._validate_launch_command(parser.parse_args(["--cpu", "train.py"]))
+    assert "not passed" in caplog.text  # the noise this guards against still exists upstream
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=launch.logger.name):
+        launch._validate_launch_command(parser.parse_args(
+            ["--config_file", str(ROOT / "launch" / "accelerate" / "cpu.yaml"), "train.py"]))
+    assert "not passed" not in caplog.text

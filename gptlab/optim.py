@@ -1,6 +1,6 @@
 """Weight-decay parameter groups, the optimizer, and the LR schedule as a function of the step."""
 import math
-from collections import ChainMap
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -53,6 +53,26 @@ def muon_split(model: nn.Module) -> tuple[set, set]:
     return muon, {id(p) for p in model.parameters()} - muon
 
 
+class _States(Mapping):
+    """Read-only view of the inner optimizers' per-parameter state (for code that sizes or
+    inspects it). Unlike a ChainMap over their defaultdicts, a lookup never adds an entry."""
+
+    def __init__(self, inner: list):
+        self.inner = inner
+
+    def __getitem__(self, p):
+        for o in self.inner:
+            if p in o.state:
+                return o.state[p]
+        raise KeyError(p)
+
+    def __iter__(self):
+        return (p for o in self.inner for p in o.state)
+
+    def __len__(self) -> int:
+        return sum(len(o.state) for o in self.inner)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """torch's Muon for the hidden matrices and AdamW for the rest, as one optimizer.
 
@@ -71,7 +91,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _link(self) -> None:
         # The inner optimizers' own objects, which their load_state_dict replaces.
         self.param_groups = [g for o in self.inner for g in o.param_groups]
-        self.state = ChainMap(*(o.state for o in self.inner))  # a view; the inner optimizers own it
+        self.state = _States(self.inner)
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None

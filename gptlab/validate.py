@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from .distributed import fsdp_asked
-from .errors import ConfigError, GptlabError, MissingPathError  # noqa: F401  (their old home; still importable here)
+from .errors import ConfigError
 from .lora import check_lora_config
 from .loss import check_loss_config
 from .model import check_block_size, count_parameters

@@ -71,7 +71,7 @@ def test_every_block_is_checkpointed_and_recomputed():
 
 def test_a_model_without_support_fails_before_step_1():
     from gptlab.distributed import apply_activation_checkpointing
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     class Plain(torch.nn.Module):
         supports_gradient_checkpointing = False

@@ -79,7 +79,7 @@ def test_grad_accum_is_derived_and_logged(one_proc):
                                "trainer.micro_batch_size=20 x 1 process(es) = 20 needs grad_accum=2"),
 ])
 def test_a_batch_that_does_not_fit_fails_before_step_1(tmp_path, base, extra, message):
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         run_training([f"run_dir={tmp_path / 'run'}", *base, *extra])
@@ -89,7 +89,7 @@ def test_a_batch_that_does_not_fit_fails_before_step_1(tmp_path, base, extra, me
 
 def test_plan_grad_accum():
     from gptlab.data.blocks import plan_grad_accum
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     assert plan_grad_accum(32, 1, 256) == 8 and plan_grad_accum(32, 8, 256) == 1
     assert plan_grad_accum(8, 2, None, None) == 1 and plan_grad_accum(8, 2, None, 3) == 3
@@ -99,7 +99,7 @@ def test_plan_grad_accum():
 
 
 def test_a_resume_with_another_global_batch_is_refused(tmp_path, base, one_proc):
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     overrides = resume_copy(one_proc, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"global batch of 40 sequences, this run's is 20 .*"

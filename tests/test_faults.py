@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, compose, disk_full_at_step, read_metrics, run_training, series
 from gptlab.guards import StepGuard, TrainingHalted
-from gptlab.validate import GptlabError
+from gptlab.errors import GptlabError
 
 
 def smoke(run_dir, cache_dir, *extra):

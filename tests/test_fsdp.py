@@ -190,7 +190,7 @@ def fsdp_env(monkeypatch):
 
 def test_fsdp_with_data_parallel_mode_is_refused(fsdp_env):
     from gptlab.distributed import fsdp_plugin
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.parallel=dp with an FSDP launch"):
         fsdp_plugin("dp", cuda=False)
@@ -199,7 +199,7 @@ def test_fsdp_with_data_parallel_mode_is_refused(fsdp_env):
 
 def test_fsdp1_on_a_cpu_is_refused(fsdp_env):
     from gptlab.distributed import fsdp_plugin
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     fsdp_env.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="fsdp_version 1 needs a GPU"):
@@ -217,7 +217,7 @@ def test_an_auto_wrap_class_the_model_lacks_is_refused(fsdp_env):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gptlab.distributed import check_auto_wrap, fsdp_plugin
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
     fsdp_env.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")

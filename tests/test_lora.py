@@ -210,7 +210,7 @@ def test_lora_on_another_architecture_merges_exactly():
     from gptlab.lora import apply_lora, merged_copy
     from gptlab.model import forward_loss
     from gptlab.loss import cross_entropy_loss, LMLoss, _mean_weights
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -283,7 +283,7 @@ def test_bad_lora_input_fails_before_step_1(tmp_path, trained_run, resume_base, 
 
     from gptlab.checkpoint_io import CheckpointError
     from gptlab.export import export_checkpoint
-    from gptlab.validate import ConfigError
+    from gptlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.lora.r=-1 must be >= 0"):
         run_training([f"run_dir={tmp_path / 'a'}", *resume_base, "model.lora.r=-1"])

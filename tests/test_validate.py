@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, compose, run_training
-from gptlab.validate import ConfigError, check_config, check_environment, check_run
+from gptlab.errors import ConfigError
+from gptlab.validate import check_config, check_environment, check_run
 
 
 def smoke(run_dir, cache_dir, *extra):
@@ -65,7 +66,7 @@ def test_an_experiment_setting_left_unset_is_named():
 
 
 def test_fine_tune_mode_checks_the_pretrained_model(tmp_path):
-    from gptlab.validate import MissingPathError
+    from gptlab.errors import MissingPathError
 
     _tiny_gpt2(n_positions=32).save_pretrained(str(tmp_path))
     with pytest.raises(ConfigError, match=r"^data\.block_size=64 exceeds the 32 positions of the pretrained model"):
@@ -193,7 +194,7 @@ def test_tokenizer_larger_than_the_embedding():
 
 def test_data_errors_are_one_line_errors_too(tmp_path, cache_dir):
     from gptlab.data.sources import DataError
-    from gptlab.validate import GptlabError
+    from gptlab.errors import GptlabError
 
     assert issubclass(DataError, GptlabError)
     with pytest.raises(DataError, match=r"^data\.block_size must be at least 2, got 1$"):

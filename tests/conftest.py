@@ -91,6 +91,13 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def final_weights(run_dir):
+    """The exported model's tensors, by name, for exact comparisons between runs."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
 def series(rows, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 

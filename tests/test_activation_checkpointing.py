@@ -7,7 +7,7 @@ with the run without it to 1e-6 (CPU, one thread).
 import pytest
 import torch
 
-from conftest import read_metrics, run_training, series
+from conftest import final_weights, read_metrics, run_training, series
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,11 +17,6 @@ def base(cache_dir, tiny_corpus):
     return [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
             "tokenizer.vocab_size=384", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.grad_accum=2",
             "trainer.sample_prompts=[]"]
-
-
-def final_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
 def assert_same_training(a, b, tol=1e-6):

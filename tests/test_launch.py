@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_training, series
+from conftest import ROOT, final_weights, read_metrics, run_training, series
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TRAIN_PY = str(ROOT / "train.py")
@@ -126,11 +126,6 @@ def logged_world(run_dir) -> tuple:
 def logged_blocks(run_dir) -> tuple:
     m = re.search(r"data: (\d+) train blocks, (\d+) valid blocks", (Path(run_dir) / "train.log").read_text())
     return int(m.group(1)), int(m.group(2))
-
-
-def final_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
 def assert_same_training(run_dir, ref_dir, tol=1e-5):

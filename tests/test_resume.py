@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_training, series
+from conftest import ROOT, final_weights, read_metrics, run_training, series
 from fault_harness import install
 
 STEPS = 8
@@ -42,11 +42,6 @@ def reference(tmp_path_factory, base):
     run_dir = tmp_path_factory.mktemp("reference")
     run_training([f"run_dir={run_dir}", *base])
     return run_dir
-
-
-def final_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
 def tb_scalars(run_dir, tag):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cluster import Cluster, missing_binaries
-from conftest import ROOT, read_metrics, series
+from conftest import ROOT, final_weights, read_metrics, series
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -116,11 +116,6 @@ class Job:
         """A requeued job waits ~2 min (BeginTime) before it may start again: start it now."""
         self.wait(lambda i: i["JobState"] == "PENDING" and int(i["Restarts"]) == restarts, "requeue")
         self.slurm.run("scontrol", "update", f"JobId={self.id}", "StartTime=now")
-
-
-def final_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
 def assert_same_curve(run_dir, ref_dir, tol):

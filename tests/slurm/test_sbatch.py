@@ -113,9 +113,11 @@ class Job:
         time.sleep(0.5)  # rank 1 reaches its collective; the handlers are long installed
 
     def release_requeued(self, restarts: int):
-        """A requeued job waits ~2 min (BeginTime) before it may start again: start it now."""
+        """A requeued job waits ~2 min (BeginTime) before it may start again: start it sooner.
+        Not at once: the requeue revoked the job's credential with a time in whole seconds, and
+        a start within that second fails ("Job credential revoked", the job ends FAILED 1:0)."""
         self.wait(lambda i: i["JobState"] == "PENDING" and int(i["Restarts"]) == restarts, "requeue")
-        self.slurm.run("scontrol", "update", f"JobId={self.id}", "StartTime=now")
+        self.slurm.run("scontrol", "update", f"JobId={self.id}", "StartTime=now+3")
 
 
 def assert_same_curve(run_dir, ref_dir, tol):

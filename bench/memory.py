@@ -120,7 +120,9 @@ def model_settings(args) -> dict:
     return {**model, "model.n_positions": args.block, "model.dropout": 0.0, "data.block_size": args.block,
             "trainer.micro_batch_size": args.batch, "trainer.grad_accum": 1, "trainer.log_every": 1,
             "trainer.eval_every": 10 ** 9, "trainer.save_every": 0, "trainer.sample_prompts": [],
-            "scheduler.warmup_steps": 1, "logger.tensorboard": False}
+            "scheduler.warmup_steps": 1, "logger.tensorboard": False,
+            # AdamW in every row: Muon (the default) does not run under FSDP, and one optimizer keeps rows comparable
+            "optim.name": "adamw"}
 
 
 def main() -> None:

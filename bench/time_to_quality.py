@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import RESULT, ROOT, StepClock, as_overrides, compose, gptlab_run, print_result
+import torch
+
+from common import RESULT, ROOT, as_overrides, compose, gptlab_run, print_result
+from gptlab.distributed import fast_cpu_precision
 from train_vs_trainer import WAR_AND_PEACE, make_trainer
 
 SHAPE = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.n_positions": 256,
@@ -43,19 +46,31 @@ TINY = {**SHAPE, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "mod
 # The Trainer arm's recipe (everything else is a GPT2Config or TrainingArguments default).
 TRAINER = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 30, "weight_decay": 0.1,
            "max_grad_norm": 1.0}
-# gptlab arms: name -> Hydra overrides on top of today's conf/ defaults.
+# gptlab arms: name -> Hydra overrides on top of conf/ (each names its optimizer and schedule,
+# so an arm keeps its meaning when the defaults change). `default` is whatever conf/ says.
+ADAMW, COSINE = ["optim=adamw"], ["scheduler=cosine"]
+MUON, WSD, BF16 = ["optim=muon"], ["scheduler=wsd"], ["trainer.mixed_precision=bf16"]
 ARMS = {
     "default": [],
-    "adamw-wsd": ["scheduler=wsd"],
-    "adamw-wsd-sqrt": ["scheduler=wsd", "scheduler.decay=sqrt"],
-    "adamw-lr2e-3": ["optim.lr=2e-3"],
-    "adamw-lr3e-3": ["optim.lr=3e-3"],
-    "muon-cosine": ["optim=muon"],
-    "muon-wsd": ["optim=muon", "scheduler=wsd"],
-    "muon-wsd-4e-3": ["optim=muon", "scheduler=wsd", "optim.muon_lr=4e-3"],
-    "muon-wsd-8e-3": ["optim=muon", "scheduler=wsd", "optim.muon_lr=8e-3"],
+    "adamw-cosine": ADAMW + COSINE,  # the default before Muon + WSD: AdamW 0.9/0.95, cosine to 1e-4
+    "adamw-wsd": ADAMW + WSD,
+    "adamw-wsd-sqrt": ADAMW + WSD + ["scheduler.decay=sqrt"],
+    "adamw-lr2e-3": ADAMW + COSINE + ["optim.lr=2e-3"],
+    "adamw-lr3e-3": ADAMW + COSINE + ["optim.lr=3e-3"],
+    "muon-cosine": MUON + COSINE,
+    "muon-wsd": MUON + WSD,
+    "muon-wsd-4e-3": MUON + WSD + ["optim.muon_lr=4e-3"],
+    "muon-wsd-8e-3": MUON + WSD + ["optim.muon_lr=8e-3"],
+    # bf16 autocast: native on a CPU with AVX512-BF16 or AMX (emulated, and refused here, elsewhere)
+    "adamw-cosine-bf16": ADAMW + COSINE + BF16,
+    "muon-wsd-bf16": MUON + WSD + BF16,
+    "muon-wsd-4e-3-bf16": MUON + WSD + ["optim.muon_lr=4e-3"] + BF16,
 }
-DEFAULT_ARMS = ["default", "adamw-wsd", "muon-cosine", "muon-wsd", "adamw-lr2e-3"]
+# `trainer` sets L*; `trainer-bf16` is the same Trainer under bf16 autocast (TrainingArguments(bf16=True)),
+# so a bf16 gptlab arm has a like-for-like Trainer to face.
+TRAINER_ARMS = ("trainer", "trainer-bf16")
+DEFAULT_ARMS = ["adamw-cosine", "adamw-wsd", "adamw-lr2e-3", "muon-cosine", "muon-wsd"]
+BF16_ARMS = ["trainer-bf16", "adamw-cosine-bf16", "muon-wsd-bf16"]
 
 
 def split_text(text: Path, out_dir: Path) -> tuple:
@@ -100,30 +115,37 @@ def held_out_loss(model, data, batch_size: int) -> float:
 
 # --- the arms, each in its own process ---
 
-def run_trainer(args) -> dict:
+def run_trainer(args, bf16: bool = False) -> dict:
+    """The Trainer's run, with the held-out loss every eval_every steps (its time left out, as
+    for gptlab's arms). bf16: TrainingArguments(bf16=True), autocast on a CPU that has it."""
     from transformers import TrainerCallback
 
     data, sh = load_data(args), shape(args)
-    clock = StepClock()
+    batch = sh["trainer.micro_batch_size"]
+    curve, spent = [], {"wall": 0.0, "cpu": 0.0}
 
     class Clocked(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kw):
-            clock.stamp(0)
+            self.since = time.perf_counter(), time.process_time()
 
-        def on_step_end(self, targs, state, control, **kw):
-            clock.stamp(state.global_step)
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            spent["wall"] += time.perf_counter() - self.since[0]
+            spent["cpu"] += time.process_time() - self.since[1]
+            if state.global_step % args.eval_every == 0:
+                curve.append({"step": state.global_step, "train_s": spent["wall"], "train_cpu_s": spent["cpu"],
+                              "eval_loss": held_out_loss(model, data, batch)})
+            self.since = time.perf_counter(), time.process_time()
 
     model_kw = {"n_positions": sh["model.n_positions"], "n_embd": sh["model.n_embd"], "n_layer": sh["model.n_layer"],
                 "n_head": sh["model.n_head"]}
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(data, sh["data.block_size"], args.steps, out, model_kw, dict(
-            per_device_train_batch_size=sh["trainer.micro_batch_size"], logging_steps=args.eval_every,
-            seed=sh["seed"], **TRAINER), [Clocked()])
+            per_device_train_batch_size=batch, logging_steps=args.eval_every, seed=sh["seed"], bf16=bf16,
+            **TRAINER), [Clocked()])
         trainer.train()
-    (w0, c0), (w1, c1) = clock.marks[0], clock.marks[args.steps]
-    tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * args.steps
-    return {"train_s": w1 - w0, "train_cpu_s": c1 - c0, "tokens_per_s": tokens / (w1 - w0),
-            "final_loss": held_out_loss(trainer.model, data, sh["trainer.micro_batch_size"])}
+    tokens = batch * sh["data.block_size"] * args.steps
+    return {"curve": curve, "train_s": spent["wall"], "train_cpu_s": spent["cpu"],
+            "tokens_per_s": tokens / spent["wall"], "final_loss": curve[-1]["eval_loss"]}
 
 
 def run_gptlab_arm(args, overrides: list) -> dict:
@@ -155,7 +177,8 @@ def run_gptlab_arm(args, overrides: list) -> dict:
 
 def worker(args) -> None:
     name = args.worker
-    print_result(run_trainer(args) if name == "trainer" else run_gptlab_arm(args, arm_overrides(name)))
+    print_result(run_trainer(args, bf16=name == "trainer-bf16") if name in TRAINER_ARMS
+                 else run_gptlab_arm(args, arm_overrides(name)))
 
 
 def arm_overrides(arm: str) -> list:
@@ -189,8 +212,9 @@ def load() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arm", action="append", help=f"a gptlab arm: one of {', '.join(ARMS)}, or NAME=override,... "
-                   f"(default: {' '.join(DEFAULT_ARMS)}); `trainer` runs first unless given or --no-trainer")
+    p.add_argument("--arm", action="append", help=f"trainer, trainer-bf16, a gptlab arm: one of {', '.join(ARMS)}, "
+                   f"or NAME=override,... (default: {' '.join(DEFAULT_ARMS)}, and {' '.join(BF16_ARMS)} where bf16 "
+                   "is native); `trainer` runs first unless given or --no-trainer")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
@@ -215,12 +239,15 @@ def main() -> None:
     if args.summarize:
         results = merge(args.summarize)
         return summarize(results, args.steps, args.eval_every, args.json)
-    arms = args.arm or DEFAULT_ARMS
+    native_bf16 = fast_cpu_precision("bf16") or torch.cuda.is_available()
+    arms = args.arm or DEFAULT_ARMS + (BF16_ARMS if native_bf16 else [])
     if not args.no_trainer and "trainer" not in arms:
         arms = ["trainer", *arms]
     for arm in arms:
-        if arm != "trainer" and arm.partition("=")[0] not in ARMS and "=" not in arm:
-            p.error(f"--arm {arm}: not one of {', '.join(ARMS)} and not NAME=override,...")
+        if arm not in TRAINER_ARMS and arm.partition("=")[0] not in ARMS and "=" not in arm:
+            p.error(f"--arm {arm}: not one of trainer, trainer-bf16, {', '.join(ARMS)} and not NAME=override,...")
+        if "bf16" in arm and not native_bf16:
+            p.error(f"--arm {arm}: this CPU has no native bf16 matmul (emulated, far slower); leave bf16 arms out")
     load_data(args)  # the tokenizer and token cache, once; the arms find them cached
     print(f"{len(arms)} arms x {args.repeats} rounds, {args.steps} steps, held-out eval every {args.eval_every}, "
           f"threads {args.threads or 'default'}; "

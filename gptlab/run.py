@@ -12,8 +12,8 @@ from .checkpoint_io import export_hf
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
 from .data.sources import HfSource
-from .distributed import (agree_run_dir, apply_activation_checkpointing, is_sharded, make_accelerator,
-                          prepare_model, setup_logging)
+from .distributed import (agree_run_dir, apply_activation_checkpointing, end_processes, is_sharded,
+                          make_accelerator, prepare_model, setup_logging)
 from .export import export_checkpoint
 from .generate import log_samples
 from .hub import pin_hub_ids
@@ -160,5 +160,5 @@ def _run(cfg) -> dict:
                      result.get("eval/loss", float("nan")), run_dir / "final")
     finally:
         tracker.close()
-    accelerator.end_training()
+    end_processes(accelerator)
     return {**result, "run_dir": str(run_dir), "stopped": checkpoints.stopped}

@@ -177,6 +177,7 @@ def test_skipping_under_a_grad_scaler_keeps_it_usable():
 RANKS_SCRIPT = """
 import json, math, sys, torch
 from accelerate import Accelerator
+from gptlab.distributed import end_processes
 from gptlab.guards import StepGuard
 acc = Accelerator(cpu=True)
 g = StepGuard(spike_zscore=3.0, spike_window=3)
@@ -188,7 +189,7 @@ took = [g.check(torch.tensor(x), torch.tensor(1.0), s, acc) for s, x in enumerat
 with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
     json.dump({"world": acc.num_processes, "rank": r, "took": took, "skipped": g.skipped}, f)
 # Without it gloo's threads outlive the interpreter: "terminate called without an active exception".
-acc.end_training()
+end_processes(acc)
 """
 
 

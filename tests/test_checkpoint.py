@@ -21,7 +21,7 @@ def base(cache_dir, tiny_corpus):
     return [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
             "tokenizer.vocab_size=384", "trainer.micro_batch_size=20", "trainer.max_steps=6",
             "trainer.eval_every=1", "trainer.save_every=1", "trainer.keep_last=2",
-            "optim.lr=0.1", "scheduler=constant", "scheduler.warmup_steps=0"]
+            "optim=adamw", "optim.lr=0.1", "scheduler=constant", "scheduler.warmup_steps=0"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ TINY_GPT2 = SHARED / "models" / "tiny-random-gpt2"
 
 
 def tiny_data(run_dir, cache_dir, corpus, *extra):
-    return [f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{corpus}]",
+    # AdamW, as the fine-tuning presets: Muon is the from-scratch default
+    return [f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", "optim=adamw", f"data.paths=[{corpus}]",
             "data.valid_fraction=0.2", *extra]
 
 

@@ -242,7 +242,7 @@ def resume_base(trained_run, cache_dir, tiny_corpus):
     return [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
             f"model.pretrained_path={trained_run[0] / 'final'}", "model.lora.r=4", "model.lora.dropout=0.1",
             "trainer.micro_batch_size=8", "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.eval_every=2",
-            "trainer.save_every=2", "trainer.log_every=1", "optim.lr=1e-2", "scheduler.warmup_steps=1",
+            "trainer.save_every=2", "trainer.log_every=1", "optim=adamw", "optim.lr=1e-2", "scheduler.warmup_steps=1",
             "trainer.sample_prompts=[]"]
 
 
@@ -290,6 +290,8 @@ def test_bad_lora_input_fails_before_step_1(tmp_path, trained_run, resume_base, 
     with pytest.raises(ConfigError, match=r"no module named 'q_proj'; its linear layers are named c_attn, c_fc, "
                                           r"c_proj, lm_head"):
         run_training([f"run_dir={tmp_path / 'b'}", *resume_base, "model.lora.target_modules=[c_attn,q_proj]"])
+    with pytest.raises(ConfigError, match=r"^optim=muon with model.lora.r>0: .* add optim=adamw"):
+        run_training([f"run_dir={tmp_path / 'm'}", *[a for a in resume_base if a != "optim=adamw"], "optim=muon"])
     with monkeypatch.context() as m:
         m.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file .../fsdp.yaml` sets
         with pytest.raises(ConfigError, match="model.lora.r>0 under an FSDP launch is not supported yet"):
@@ -320,7 +322,8 @@ def test_lora_from_scratch_keeps_its_random_base_once(tmp_path, cache_dir, tiny_
 
     run_dir = tmp_path / "run"
     run_training([f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]",
-                  "data.valid_fraction=0.2", "tokenizer.vocab_size=384", "model.lora.r=4", "trainer.max_steps=2",
+                  "data.valid_fraction=0.2", "tokenizer.vocab_size=384", "model.lora.r=4", "optim=adamw",
+                  "trainer.max_steps=2",
                   "trainer.sample_prompts=[]"])
     state = json.loads((run_dir / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
     assert state["lora"]["base_path"] == str(run_dir / "lora_base")

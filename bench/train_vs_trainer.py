@@ -38,7 +38,8 @@ COMMON = {
     "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.n_positions": 256,
     "data.block_size": 256, "trainer.micro_batch_size": 8, "trainer.grad_accum": 1,
     "trainer.max_grad_norm": 1.0, "optim.lr": 1e-3, "optim.weight_decay": 0.1, "optim.betas": [0.9, 0.95],
-    "optim.eps": 1e-8, "optim.name": "adamw", "scheduler.name": "cosine", "scheduler.warmup_steps": 10, "scheduler.min_lr": 1e-4,
+    "optim.eps": 1e-8, "optim.name": "adamw", "scheduler.name": "cosine", "scheduler.warmup_steps": 10,
+    "scheduler.min_lr": 1e-4,
     "seed": 1337,
 }
 

@@ -63,8 +63,13 @@ def measured_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.f
             return best
 
 
-def peak_flops(device: torch.device, configured: float | None = None, low_precision: bool = True) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number came from)."""
+MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_flops(device: torch.device, configured: float | None = None, precision: str = "bf16") -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from), for matmuls in `precision`
+    (the run's mixed precision: "no" is fp32). A CPU with native bf16 (AVX512-BF16, AMX)
+    multiplies several times faster in it, so its peak is measured in the dtype the run uses."""
     if configured is not None:
         if configured <= 0:
             raise ValueError(f"trainer.peak_flops={configured}: give the FLOP/s of one device, e.g. 989e12")
@@ -74,20 +79,22 @@ def peak_flops(device: torch.device, configured: float | None = None, low_precis
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name} data sheet (bf16 dense)"
-        dtype = torch.bfloat16 if low_precision else torch.float32
+        dtype = MATMUL_DTYPES.get(precision, torch.bfloat16)
         log.warning("no peak FLOP/s known for %s; measuring a %s matmul (set trainer.peak_flops to override)",
                     name, dtype)
         return measured_matmul_flops("cuda", dtype), f"measured {dtype} matmul on {name}"
-    return measured_matmul_flops(device.type), f"measured fp32 matmul on {device.type}"
+    dtype = MATMUL_DTYPES.get(precision, torch.float32)
+    name = str(dtype).removeprefix("torch.")
+    return measured_matmul_flops(device.type, dtype), f"measured {name} matmul on {device.type}"
 
 
 class MFU:
     """tokens/s -> model FLOPs utilisation, for `num_processes` devices of equal peak."""
 
     def __init__(self, model: nn.Module, seq_len: int, device: torch.device, num_processes: int = 1,
-                 configured_peak: float | None = None, low_precision: bool = True):
+                 configured_peak: float | None = None, precision: str = "bf16"):
         self.flops_per_token = model_flops_per_token(model, seq_len)
-        self.peak, self.source = peak_flops(device, configured_peak, low_precision)
+        self.peak, self.source = peak_flops(device, configured_peak, precision)
         self.total_peak = self.peak * num_processes
         log.info("MFU: %.3g FLOPs per token; peak %.3g FLOP/s per device (%s)",
                  self.flops_per_token, self.peak, self.source)

@@ -26,7 +26,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     last = {}
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, device, accelerator.num_processes,
-              tc.peak_flops, accelerator.mixed_precision != "no")
+              tc.peak_flops, accelerator.mixed_precision)
     guard = StepGuard.from_config(tc, accelerator, optimizer)
 
     # Running sums stay on the device: reading them forces a host sync, so we do it

@@ -94,8 +94,8 @@ def check_config(cfg) -> None:
     _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
     if oc.name == "muon":
         _check_muon(oc)
-        _require(mc.lora.r == 0, "optim=muon with model.lora.r>0: Muon on low-rank adapters is not measured here; "
-                                 "add optim=adamw (the LoRA variants of the presets use it)")
+        _require(mc.lora.r == 0, "optim=muon with model.lora.r>0: Muon on low-rank adapters is not measured "
+                                 "here; add optim=adamw (the LoRA variants of the presets use it)")
         if mc.pretrained_path:
             log.warning("fine-tuning %s with optim=muon, the from-scratch default: Muon on a model trained with "
                         "AdamW is not measured here; the fine-tuning presets use optim=adamw", mc.pretrained_path)

@@ -50,8 +50,10 @@ def test_peak_flops_sources(monkeypatch):
     assert peak_flops(torch.device("cuda"))[0] == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
     assert peak_flops(torch.device("cuda"))[0] == 312e12
-    cpu_peak, source = peak_flops(torch.device("cpu"))
-    assert cpu_peak > 1e8 and "measured" in source
+    cpu_peak, source = peak_flops(torch.device("cpu"), precision="no")
+    assert cpu_peak > 1e8 and source == "measured float32 matmul on cpu"
+    # bf16 autocast on a CPU: MFU against the bf16 matmul it runs (several times fp32's where native)
+    assert peak_flops(torch.device("cpu"), precision="bf16")[1] == "measured bfloat16 matmul on cpu"
 
 
 def test_peak_measurement_leaves_the_global_rng_alone():

@@ -6,7 +6,10 @@ GPT-2 with 4 layers, 256 wide, block 256, micro batch 8.
 
 The Trainer arm: `Trainer` with default_data_collator and GPT2Config defaults otherwise
 (dropout 0.1, gelu_new), lr 1e-3, cosine, 30 warmup steps, weight decay 0.1, clipping 1.0,
-300 steps. Its held-out loss after those steps is the target L*.
+300 steps. Its held-out loss after those steps is the target L*. It too is evaluated every
+--eval-every steps (time left out), and `trainer-bf16` is the same Trainer with
+TrainingArguments(bf16=True), the like-for-like rival of the bf16 gptlab arms (run by
+default only where bf16 matmul is native: a GPU, or a CPU with AVX512-BF16 or AMX).
 
 Each gptlab arm (gptlab's real run(), bench/common.py) evaluates on the whole held-out
 split every --eval-every steps; it reports the training seconds (evaluation excluded)
@@ -16,8 +19,8 @@ Seconds are wall time and this process's CPU time (user + system, which neighbou
 shared machine barely inflate); ratios are taken within a round and the summary gives
 medians. Arms run in fresh processes, interleaved, every other round reversed.
 
-    python bench/time_to_quality.py                                  # the issue's arms, 1 round
-    python bench/time_to_quality.py --arm default --arm muon-wsd --arm "mine=optim=muon,optim.muon_lr=4e-3"
+    python bench/time_to_quality.py                                  # the issue's arms (+ bf16 ones), 1 round
+    python bench/time_to_quality.py --arm adamw-cosine --arm muon-wsd --arm "mine=optim=muon,optim.muon_lr=4e-3"
     python bench/time_to_quality.py --tiny --steps 4 --eval-every 2  # the CI-sized run
 """
 import argparse

@@ -63,36 +63,36 @@ def measured_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.f
             return best
 
 
-MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The matmul whose peak MFU divides by, for each mixed precision ("no": fp32). fp8's own
+# matmul is not a plain `@`; bf16's peak stands in for it, as the data sheets' bf16 does.
+MATMUL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
-def peak_flops(device: torch.device, configured: float | None = None, precision: str = "bf16") -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number came from), for matmuls in `precision`
-    (the run's mixed precision: "no" is fp32). A CPU with native bf16 (AVX512-BF16, AMX)
-    multiplies several times faster in it, so its peak is measured in the dtype the run uses."""
+def peak_flops(device: torch.device, configured: float | None = None, precision: str = "no") -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from), for matmuls in `precision`,
+    the run's mixed precision. A CPU with native bf16 (AVX512-BF16, AMX) multiplies several
+    times faster in it, so a measured peak is measured in the dtype the run uses."""
     if configured is not None:
         if configured <= 0:
             raise ValueError(f"trainer.peak_flops={configured}: give the FLOP/s of one device, e.g. 989e12")
         return float(configured), "trainer.peak_flops"
+    dtype = MATMUL_DTYPES[precision]
+    what = f"measured {str(dtype).removeprefix('torch.')} matmul"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name} data sheet (bf16 dense)"
-        dtype = MATMUL_DTYPES.get(precision, torch.bfloat16)
-        log.warning("no peak FLOP/s known for %s; measuring a %s matmul (set trainer.peak_flops to override)",
-                    name, dtype)
-        return measured_matmul_flops("cuda", dtype), f"measured {dtype} matmul on {name}"
-    dtype = MATMUL_DTYPES.get(precision, torch.float32)
-    name = str(dtype).removeprefix("torch.")
-    return measured_matmul_flops(device.type, dtype), f"measured {name} matmul on {device.type}"
+        log.warning("no peak FLOP/s known for %s; %s instead (set trainer.peak_flops to override)", name, what)
+        return measured_matmul_flops("cuda", dtype), f"{what} on {name}"
+    return measured_matmul_flops(device.type, dtype), f"{what} on {device.type}"
 
 
 class MFU:
     """tokens/s -> model FLOPs utilisation, for `num_processes` devices of equal peak."""
 
     def __init__(self, model: nn.Module, seq_len: int, device: torch.device, num_processes: int = 1,
-                 configured_peak: float | None = None, precision: str = "bf16"):
+                 configured_peak: float | None = None, precision: str = "no"):
         self.flops_per_token = model_flops_per_token(model, seq_len)
         self.peak, self.source = peak_flops(device, configured_peak, precision)
         self.total_peak = self.peak * num_processes

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import RESULT, ROOT, as_overrides, compose, gptlab_run, print_result
+from common import RESULT, as_overrides, compose, gptlab_run, print_result
 from gptlab.distributed import fast_cpu_precision
 from train_vs_trainer import WAR_AND_PEACE, make_trainer
 

@@ -12,7 +12,6 @@ is called from here, so imports run one way: run -> validate -> stages -> errors
 """
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -111,8 +110,9 @@ def _check_muon(oc) -> None:
     _require(0 <= oc.momentum < 1, f"optim.momentum={oc.momentum} must be in [0, 1)")
     _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
     # Newton-Schulz orthogonalises a whole matrix; a sharded parameter holds only a slice of it.
-    _require(not fsdp_asked(), "optim=muon with an FSDP launch: Newton-Schulz needs each weight matrix whole, "
-                               "and FSDP shards it over the processes; launch with DDP, or add optim=adamw scheduler=cosine")
+    _require(not fsdp_asked(), "optim=muon with an FSDP launch: Newton-Schulz needs each weight matrix whole, and "
+                               "FSDP shards it over the processes; launch with DDP, or add optim=adamw "
+                               "scheduler=cosine")
 
 
 def _check_names(cfg) -> None:

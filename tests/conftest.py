@@ -98,6 +98,15 @@ def final_weights(run_dir):
     return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
+def free_port() -> int:
+    """A TCP port free right now, for a launch's --main_process_port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def series(rows, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 

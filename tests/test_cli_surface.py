@@ -6,7 +6,6 @@ regenerated and the change reviewed with it:
     python -m tests.regen cli
 """
 import json
-from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 

@@ -8,13 +8,12 @@ not expected, float tolerance is.
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_training, series
+from conftest import ROOT, free_port, read_metrics, run_training, series
 
 STEPS = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,15 +35,9 @@ def one_proc(tmp_path_factory, base):
     return run_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_2proc(overrides):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(ROOT / "train.py"), *overrides]
+           "--main_process_port", str(free_port()), str(ROOT / "train.py"), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose, disk_full_at_step, read_metrics, run_training, series
+from conftest import ROOT, compose, disk_full_at_step, free_port, read_metrics, run_training, series
 from gptlab.guards import StepGuard, TrainingHalted
 from gptlab.errors import GptlabError
 
@@ -197,13 +197,10 @@ end_processes(acc)
 def test_ranks_agree_on_which_updates_to_skip(tmp_path):
     import json
     import os
-    import socket
 
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(port), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import read_metrics, series
-from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, ddp2, finish, free_port,  # noqa: F401
-                         kill_tree, launch_env, logged_world, output, overrides, start)
+from conftest import free_port, read_metrics, series
+from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, ddp2, finish, kill_tree,  # noqa: F401
+                         launch_env, logged_world, output, overrides, start)
 
 HARNESS = str(Path(TRAIN_PY).parent / "tests" / "fault_harness.py")
 TOL = 1e-5

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, final_weights, read_metrics, run_training, series
+from conftest import ROOT, final_weights, free_port, read_metrics, run_training, series
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TRAIN_PY = str(ROOT / "train.py")
@@ -30,12 +29,6 @@ STEPS = 6
 # cannot drift while the module runs (the embedded default corpus follows whatever is
 # installed). split_seed=6 puts 39 blocks in validation: odd, so the ranks get 20 and 19.
 CORPUS_FILES = ("bisect", "colorsys", "keyword", "glob", "fnmatch", "textwrap", "heapq", "shlex", "string", "copy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")  # shared with test_fsdp.py
@@ -56,9 +49,9 @@ def corpus(tmp_path_factory):
 
 def overrides(corpus, cache_dir, grad_accum, *extra):
     # AdamW in fp32: these runs must agree to 1e-6 (Muon's bf16 Newton-Schulz agrees to 1e-5: test_muon)
-    return ["debug=smoke", "optim=adamw", "scheduler=cosine", f"data.paths=[{corpus}]", "data.valid_fraction=0.1", "data.split_seed=6",
-            f"cache_dir={cache_dir}", f"trainer.max_steps={STEPS}", "trainer.eval_every=3", "trainer.log_every=1",
-            f"trainer.grad_accum={grad_accum}", *extra]
+    return ["debug=smoke", "optim=adamw", "scheduler=cosine", f"data.paths=[{corpus}]", "data.valid_fraction=0.1",
+            "data.split_seed=6", f"cache_dir={cache_dir}", f"trainer.max_steps={STEPS}", "trainer.eval_every=3",
+            "trainer.log_every=1", f"trainer.grad_accum={grad_accum}", *extra]
 
 
 def kill_tree(proc) -> None:

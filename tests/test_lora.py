@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, compose, read_metrics, requires_shared, run_training, series
+from conftest import ROOT, SHARED, compose, free_port, read_metrics, requires_shared, run_training, series
 from fault_harness import install
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -346,7 +346,7 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, resume_base, one_th
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*resume_base, "model.lora.dropout=0.0"]
     run_training([f"run_dir={one}", *args])
-    port = str(_free_port())
+    port = str(free_port())
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--main_process_port", port, str(ROOT / "train.py"), f"run_dir={two}", *args,
                            "trainer.grad_accum=1"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -371,12 +371,6 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, resume_base, one_th
         torch.testing.assert_close(c[k], a[k], rtol=0, atol=1e-5)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """optim=muon: which parameters Muon takes, each group's LR and weight decay, exact resume,
 and 2 processes equal to 1 with the same global batch."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose, read_metrics, run_training, series
+from conftest import ROOT, compose, free_port, read_metrics, run_training, series
 from fault_harness import install
 
 MUON = {"name": "muon", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "muon_lr": 4e-3,
@@ -178,17 +177,11 @@ def test_resume_with_muon_is_exact(tmp_path, base, reference, one_thread):
         assert torch.equal(a[k], b[k]), k
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_with_muon_equal_one_with_accumulation(tmp_path, base, reference):
     """2 processes x accum 1 against the 1-process reference's accum 2: the same global batch."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(ROOT / "train.py"), f"run_dir={tmp_path}", *base,
+           "--main_process_port", str(free_port()), str(ROOT / "train.py"), f"run_dir={tmp_path}", *base,
            "trainer.grad_accum=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)

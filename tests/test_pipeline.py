@@ -3,7 +3,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED, compose, requires_shared
+from conftest import ROOT, SHARED, compose, free_port, requires_shared
 from gptlab.data import cache as C
 from gptlab.data import prepare as P
 from gptlab.data.pack import safe_pieces, splittable, token_dtype, write_token_streams
@@ -365,12 +364,6 @@ def test_prepare_a_novel_with_the_rugpt3_tokenizer(tmp_path):
 
 
 # ---------------------------------------------------------------- processes
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_build_the_cache_exactly_once(tmp_path):

@@ -69,7 +69,8 @@ def test_a_killed_owner_does_not_block_resume_auto(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_under_two_processes_rank_0_decides_for_both(tmp_path, cache_dir):
     """Both ranks stop with rank 0's line (the others never lock; they learn the answer)."""
-    from test_launch import ACCELERATE, LAUNCH, TRAIN_PY, free_port, output, start
+    from conftest import free_port
+    from test_launch import ACCELERATE, LAUNCH, TRAIN_PY, output, start
 
     run_dir = tmp_path / "run"
     owner = hold(run_dir)

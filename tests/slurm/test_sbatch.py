@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cluster import Cluster, missing_binaries
-from conftest import ROOT, final_weights, read_metrics, series
+from conftest import ROOT, final_weights, free_port, read_metrics, series
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -142,7 +142,7 @@ def saved_steps(run_dir) -> list:
 @pytest.fixture(scope="module")
 def jobs(slurm, tmp_path_factory):
     """Every job of the module, submitted at once, and the plain `accelerate launch` reference."""
-    from test_launch import ACCELERATE, TRAIN_PY, free_port, kill_tree, start
+    from test_launch import ACCELERATE, TRAIN_PY, kill_tree, start
 
     base = tmp_path_factory.mktemp("sbatch")
     corpus, cache = base / "corpus", base / "cache"

@@ -57,7 +57,7 @@ def main() -> None:
 
     import torch
 
-    from gptlab.loss import cross_entropy_loss, fused_linear_loss, _mean_weights
+    from gptlab.loss import CrossEntropy, cross_entropy_loss, fused_linear_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -67,7 +67,7 @@ def main() -> None:
     h = torch.randn(B, T, args.dim, device=device, generator=g).requires_grad_()  # the final LayerNorm's output
     w = (torch.randn(args.vocab, args.dim, device=device, generator=g) * 0.02).requires_grad_()
     ids = torch.randint(0, args.vocab, (B, T), device=device, generator=g)
-    weights = _mean_weights(ids)
+    weights = CrossEntropy().token_weights(ids)
     liger = liger_loss() if device.type == "cuda" else None
 
     def step(loss_of):

@@ -67,7 +67,7 @@ def load_data(args):
 def _logits_loss():
     import gptlab.loop
 
-    gptlab.loop.forward_loss = lambda model, x, loss_fn: loss_fn(model(input_ids=x, use_cache=False).logits, x)
+    gptlab.loop.forward_loss = lambda model, x, loss_fn, z: loss_fn(model(input_ids=x, use_cache=False).logits, x, z)
 
 
 def _gelu_new():

@@ -143,6 +143,9 @@ class LossConfig:
     normalize: bool = False
 
 
+DEFAULT_MAX_STEPS = 300  # the default run: about 5 minutes on a 2-core CPU
+
+
 @dataclass
 class TrainerConfig:
     micro_batch_size: int = 8
@@ -152,11 +155,16 @@ class TrainerConfig:
     # Micro-steps per optimizer step; null: derived from global_batch_size, or 1 without it.
     # Given explicitly next to global_batch_size, it must agree with it.
     grad_accum: Optional[int] = None
-    max_steps: int = 300
-    # When set, overrides max_steps with the optimizer steps that make this many epochs.
-    epochs: Optional[int] = None
+    # Optimizer steps. null: trainer.epochs decides, or DEFAULT_MAX_STEPS without it. Given, it wins
+    # over epochs (as run_clm's max_steps does), so `trainer.max_steps=30` shrinks any preset.
+    max_steps: Optional[int] = None
+    # Passes over the training split (may be fractional), counted in optimizer steps; presets that
+    # count epochs, as their notebooks do, set it.
+    epochs: Optional[float] = None
     max_grad_norm: float = 1.0
     eval_every: int = 100
+    # Also evaluate (and sample) the untrained model, logged at step 0 (HF's eval_on_start).
+    eval_on_start: bool = False
     log_every: int = 10
     # A step with a non-finite loss or grad norm: skip its update (weights and optimizer
     # state untouched), or stop. max_skips skipped updates in a row stop the run.

@@ -14,37 +14,44 @@ from omegaconf import OmegaConf
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from .data.blocks import eval_batches
+from .data.blocks import IGNORE_INDEX, eval_batches
 from .loss import _token_ce
 
 
 @torch.no_grad()
 def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
-    """Mean next-token CE over every position of every validation block.
+    """Mean next-token CE over every target of every validation block (or sample).
 
     Each rank scores a disjoint strided share; float64 sums are added across ranks,
-    so no block counts twice and none is padded in.
+    so no block counts twice and none is padded in. `eval/sample_loss` is the mean of
+    each sample's (block's) own mean loss, as seed 003 reports its test loss.
     """
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss sum, tokens)
+    # (loss sum, targets, sum of per-sample means, samples)
+    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     batches = eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index)
     for ids in batches:
         x = blocks.batch(ids).to(accelerator.device, non_blocking=True)
-        ce = _token_ce(model(input_ids=x).logits, x)
-        total[0] += ce.double().sum()
-        total[1] += ce.numel()
+        ce = _token_ce(model(input_ids=x.clamp_min(0)).logits, x).double()  # (B, T-1), 0 at padding
+        n = (x[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        total[0] += ce.sum()
+        total[1] += n.sum()
+        total[2] += (ce.sum(dim=1) / n.clamp_min(1)).sum()
+        total[3] += (n > 0).sum()
     if isinstance(model, FSDPModule):
         # Every forward of a sharded model gathers weights from all ranks: a rank with fewer
         # batches joins the others' last ones with uncounted forwards.
         most = len(eval_batches(len(blocks), batch_size, accelerator.num_processes, 0))
         for _ in range(most - len(batches)):
-            model(input_ids=blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0]).to(accelerator.device))
+            x = blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0])
+            model(input_ids=x.clamp_min(0).to(accelerator.device))
         model.reshard()  # a forward without a backward leaves the root's weights gathered
-    total = accelerator.reduce(total, reduction="sum")
+    total = accelerator.reduce(total, reduction="sum").tolist()
     model.train(was_training)
-    loss = (total[0] / total[1]).item()
-    return {"eval/loss": loss, "eval/perplexity": perplexity(loss), "eval/tokens": int(total[1].item())}
+    loss = total[0] / total[1]
+    return {"eval/loss": loss, "eval/perplexity": perplexity(loss), "eval/tokens": int(total[1]),
+            "eval/sample_loss": total[2] / total[3]}
 
 
 def perplexity(loss: float) -> float:

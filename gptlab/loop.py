@@ -22,7 +22,6 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
           max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None) -> dict:
     tc, sc = cfg.trainer, cfg.scheduler
     device = accelerator.device
-    tokens_per_step = tc.micro_batch_size * train_blocks.block_size * tc.grad_accum * accelerator.num_processes
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     last = {}
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, device, accelerator.num_processes,
@@ -33,11 +32,18 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     # only when logging, evaluating or saving (and per step for a host-side guard).
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
-    window, kept, t_window = 0, 0, time.perf_counter()
+    kept, tokens, t_window = 0, 0, time.perf_counter()
     # With trainer.epochs, each epoch's mean train loss and the test loss at its end.
     epoch_loss_sum = torch.zeros((), device=device)
     epoch_steps, evaluated_at = 0, None
     sized = None  # the training state's bytes per process, logged after the first update
+
+    if tc.eval_on_start and start_step == 0:  # the untrained model's loss and samples, as step 0
+        metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
+        tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, 0)
+        log.info("step 0: eval/loss %.4f, perplexity %.2f", metrics["eval/loss"], metrics["eval/perplexity"])
+        if on_eval is not None:
+            on_eval(0)
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -48,6 +54,12 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
         set_lr(optimizer, lr)
 
         micro = order.micro_batches(step)
+        everyone = order.step_batches(step)
+        # This process's share of the step's denominator (targets, samples or weights): the
+        # loss is Σ w·CE / (denominator of every micro-batch of every process), so k
+        # micro-batches of b equal one batch of k*b, and W processes equal one.
+        z = sum(loss_fn.denominator(train_blocks, ids) for ids in everyone) / accelerator.num_processes
+        tokens += sum(train_blocks.n_tokens(ids) for ids in everyone)
         step_loss = torch.zeros((), device=device)
         for i, ids in enumerate(micro):
             x = train_blocks.batch(ids)  # (B, T)
@@ -57,10 +69,9 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             sync = i == len(micro) - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():  # the fused LM head and loss run outside the model's forward
-                    loss = forward_loss(model, x, loss_fn)
-                # Dividing by grad_accum makes k micro-batches of b equal one batch of k*b.
-                accelerator.backward(loss / len(micro))
-            step_loss += loss.detach() / len(micro)
+                    loss = forward_loss(model, x, loss_fn, z)
+                accelerator.backward(loss)
+            step_loss += loss.detach()
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         if isinstance(norm, DTensor):  # FSDP2: the norm over every shard, as a plain tensor on each rank
             norm = norm.full_tensor()
@@ -92,7 +103,6 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             bar.close()  # so the error is the last line on the console
             halt(e, checkpoints, max_steps)
         optimizer.zero_grad(set_to_none=True)
-        window += 1
         bar.update(1)
 
         if log_due:
@@ -103,7 +113,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                 "train/loss": loss_avg,
                 "train/lr": lr,
                 "train/grad_norm": norm_sum.item() / kept if kept else math.nan,
-                "train/tokens_per_s": tokens_per_step * window / elapsed,
+                "train/tokens_per_s": tokens / elapsed,
                 "train/skipped_steps": guard.skipped,
             }
             last["train/mfu"] = mfu(last["train/tokens_per_s"])
@@ -112,7 +122,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                             mfu=f"{last['train/mfu']:.1%}")
             loss_sum.zero_()
             norm_sum.zero_()
-            window, kept, t_window = 0, 0, time.perf_counter()
+            kept, tokens, t_window = 0, 0, time.perf_counter()
 
         eval_loss = None
         if eval_due:
@@ -136,7 +146,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             ep = {"epoch/epoch": math.floor(epoch) if crossed else math.ceil(epoch),
                   "epoch/train_loss": (accelerator.reduce(epoch_loss_sum, reduction="mean").item() / epoch_steps
                                        if epoch_steps else math.nan),
-                  "epoch/test_loss": metrics["eval/loss"]}
+                  "epoch/test_loss": metrics["eval/sample_loss"]}
             tracker.log(ep, t)
             log.info("epoch %d: train loss %.4f, test loss %.4f", ep["epoch/epoch"], ep["epoch/train_loss"],
                      ep["epoch/test_loss"])

@@ -1,22 +1,26 @@
-"""Causal LM losses, pure functions of logits (B, T, V) and input ids (B, T).
+"""Causal LM losses: a weighted sum of token cross-entropies, Σ w·CE, over the optimizer step.
 
-Labels are the inputs shifted left by one: position t predicts token t+1.
+Labels are the batch itself, shifted left by one: position t predicts token t+1.
+IGNORE_INDEX marks padding (per-sample mode), which has weight 0.
 
-Both losses are a weighted sum of token cross-entropies, Σ w·CE, with weights that
-depend on the inputs only (`LMLoss.token_weights`). That lets training fuse the LM
-head into the loss (`fused_linear_loss`), chunk by chunk, without ever holding the
-(B, T, V) logits; the logits functions here stay the reference and the evaluation path.
+A loss gives each target a weight from the labels alone (`token_weights`) and says how
+much each batch adds to the step's denominator (`denominator`, on the host, from the data).
+The loop sums the denominators of every micro-batch of every process before the step, so
+k micro-batches of b equal one batch of k·b and W processes equal one, whatever the loss
+normalises by (targets, samples or key-token weights). Weights from the inputs only also
+let training fuse the LM head into the loss (`fused_linear_loss`), chunk by chunk, without
+ever holding the (B, T, V) logits; `cross_entropy_loss` and `keytoken_loss` stay the
+one-batch references the tests check both paths against.
 """
 import logging
 
 import torch
 import torch.nn.functional as F
 
+from .data.blocks import IGNORE_INDEX
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-LOSSES = ("cross_entropy", "keytoken")
 
 
 def check_loss_config(lc) -> None:
@@ -29,26 +33,32 @@ def check_loss_config(lc) -> None:
         raise ConfigError("loss=keytoken needs loss.keywords; the list is empty")
 
 
-def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy of the shifted sequence, (B, T-1)."""
+def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of the shifted sequence, (B, T-1); 0 where the label is padding."""
     B, T, V = logits.shape
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1), reduction="none")
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), reduction="none",
+                         ignore_index=IGNORE_INDEX)
     return ce.view(B, T - 1)
 
 
-def cross_entropy_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return _token_ce(logits, input_ids).mean()
+def _targets(labels: torch.Tensor) -> torch.Tensor:
+    return labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
 
 
-def keytoken_loss(logits: torch.Tensor, input_ids: torch.Tensor, keytoken_ids: torch.Tensor,
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over every target of the batch (the reference for one batch)."""
+    return _token_ce(logits, labels).sum() / _targets(labels).sum()
+
+
+def keytoken_loss(logits: torch.Tensor, labels: torch.Tensor, keytoken_ids: torch.Tensor,
                   alpha: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """Seed 002's loss: each sample's mean CE weighted by alpha * (1 + key-token count).
 
     The count runs over the sample's inputs (not its labels), as in the seed.
     `normalize` divides by the mean weight, so the loss stays on the CE scale.
     """
-    per_sample = _token_ce(logits, input_ids).mean(dim=1)  # (B,)
-    counts = torch.isin(input_ids, keytoken_ids).sum(dim=1).float()  # (B,)
+    per_sample = _token_ce(logits, labels).sum(dim=1) / _targets(labels).sum(dim=1)  # (B,)
+    counts = torch.isin(labels, keytoken_ids).sum(dim=1).float()  # (B,)
     weights = alpha * (1.0 + counts)
     loss = (per_sample * weights).mean()
     return loss / weights.mean() if normalize else loss
@@ -72,29 +82,57 @@ def keytoken_ids(tokenizer, keywords) -> tuple[list[int], list[str]]:
     return sorted(set(ids)), skipped
 
 
-def keytoken_weights(input_ids: torch.Tensor, keytoken_ids: torch.Tensor, alpha: float = 1.0,
-                     normalize: bool = False) -> torch.Tensor:
-    """(B, T-1) weights w with Σ w·CE == keytoken_loss."""
-    B, T = input_ids.shape
-    weights = alpha * (1.0 + torch.isin(input_ids, keytoken_ids).sum(dim=1).float())  # (B,)
-    if normalize:
-        weights = weights / weights.mean()
-    return (weights / (B * (T - 1)))[:, None].expand(B, T - 1)
+class TokenWeightedLoss:
+    """Σ w·CE, with w from `token_weights(labels, z)`; z is this process's share of the step's
+    denominator (None: the batch is the whole step)."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, z=None) -> torch.Tensor:
+        return (_token_ce(logits, labels) * self.token_weights(labels, z)).sum()
+
+    def denominator(self, blocks, ids) -> float:
+        raise NotImplementedError
+
+    def token_weights(self, labels: torch.Tensor, z=None) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class LMLoss:
-    """A loss on logits, `(logits, input_ids) -> scalar`, that also knows its token weights."""
+class CrossEntropy(TokenWeightedLoss):
+    """The mean token cross-entropy over every target of the step."""
 
-    def __init__(self, on_logits, token_weights):
-        self.on_logits, self.token_weights = on_logits, token_weights
+    def denominator(self, blocks, ids) -> float:
+        return float(blocks.targets(ids).sum())
 
-    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.on_logits(logits, input_ids)
+    def token_weights(self, labels, z=None):
+        mask = _targets(labels).float()
+        return mask / (mask.sum() if z is None else z)
 
 
-def _mean_weights(input_ids: torch.Tensor) -> torch.Tensor:
-    B, T = input_ids.shape
-    return torch.full((B, T - 1), 1.0 / (B * (T - 1)), device=input_ids.device)
+class KeytokenLoss(TokenWeightedLoss):
+    """Seed 002's weighting: each sample's mean CE times alpha * (1 + its key tokens), averaged
+    over the step's samples, or (normalize) divided by the step's total weight instead."""
+
+    def __init__(self, ids: list[int], alpha: float, normalize: bool):
+        self.ids, self.alpha, self.normalize = ids, alpha, normalize
+        self._on = {}  # device -> the ids as a tensor there, copied once
+
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.device not in self._on:
+            self._on[labels.device] = torch.tensor(self.ids, device=labels.device)
+        return self.alpha * (1.0 + torch.isin(labels, self._on[labels.device]).sum(dim=1).float())  # (B,)
+
+    def denominator(self, blocks, ids) -> float:
+        has = blocks.targets(ids) > 0
+        if not self.normalize:
+            return float(has.sum())
+        return float(self.sample_weights(blocks.batch(ids))[torch.from_numpy(has)].sum())
+
+    def token_weights(self, labels, z=None):
+        mask = _targets(labels)
+        n = mask.sum(dim=1)  # (B,) targets per sample
+        s = self.sample_weights(labels)
+        if z is None:
+            z = (s * (n > 0)).sum() if self.normalize else (n > 0).sum()
+        return (s / (n.clamp_min(1) * z))[:, None] * mask
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -155,25 +193,29 @@ class _FusedLinearCE(torch.autograd.Function):
         return (grad_h * grad_out).to(ctx.dtypes[0]), dw, None, None, None
 
 
-def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       token_weights: torch.Tensor) -> torch.Tensor:
     """Σ w·CE of the shifted sequence from the final hidden states (B, T, C) and the LM head weight (V, C).
 
-    Equal to `loss(hidden @ weight.T, input_ids)` for a loss whose token weights are given.
+    Equal to `loss(hidden @ weight.T, labels)` for a loss whose token weights are given; a
+    padding label has weight 0 and is read as token 0.
     """
     C, V = hidden.shape[-1], weight.shape[0]
     # About 4M logits per chunk: 16 MB of fp32 stays in a CPU's last-level cache; a GPU
     # wants large matmuls, and 2^27 logits (under 1 GB with the fp32 softmax) is still
     # far below the full (B, T, V) tensor of GPT-2 124M.
     chunk_rows = max(1, (2 ** 27 if hidden.device.type == "cuda" else 2 ** 22) // V)
-    return _FusedLinearCE.apply(hidden[:, :-1].reshape(-1, C), weight, input_ids[:, 1:].reshape(-1),
+    return _FusedLinearCE.apply(hidden[:, :-1].reshape(-1, C), weight, labels[:, 1:].clamp_min(0).reshape(-1),
                                 token_weights.reshape(-1), chunk_rows)
 
 
-def make_loss_fn(loss_cfg, tokenizer, device) -> LMLoss:
+LOSSES = ("cross_entropy", "keytoken")
+
+
+def make_loss_fn(loss_cfg, tokenizer) -> TokenWeightedLoss:
     """The configured loss, checked before step 1."""
     if loss_cfg.name == "cross_entropy":
-        return LMLoss(cross_entropy_loss, _mean_weights)
+        return CrossEntropy()
     if loss_cfg.name != "keytoken":
         raise ConfigError(f"loss.name={loss_cfg.name!r}: choose cross_entropy or keytoken")
     ids, skipped = keytoken_ids(tokenizer, loss_cfg.keywords)
@@ -182,6 +224,4 @@ def make_loss_fn(loss_cfg, tokenizer, device) -> LMLoss:
     if not ids:
         raise ConfigError(f"loss=keytoken: none of loss.keywords={list(loss_cfg.keywords)} is a single "
                           "token of this tokenizer")
-    kt = torch.tensor(ids, device=device)
-    return LMLoss(lambda logits, input_ids: keytoken_loss(logits, input_ids, kt, loss_cfg.alpha, loss_cfg.normalize),
-                  lambda input_ids: keytoken_weights(input_ids, kt, loss_cfg.alpha, loss_cfg.normalize))
+    return KeytokenLoss(ids, loss_cfg.alpha, loss_cfg.normalize)

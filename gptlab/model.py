@@ -205,19 +205,23 @@ def _when_training(block: nn.Module, compiled, eager):
     return forward
 
 
-def forward_loss(model, input_ids: torch.Tensor, loss_fn) -> torch.Tensor:
-    """The training loss of `model` (as prepared: DDP, compiled, autocast) on (B, T) ids.
+def forward_loss(model, labels: torch.Tensor, loss_fn, z=None) -> torch.Tensor:
+    """The training loss Σ w·CE of `model` (as prepared: DDP, compiled, autocast) on a (B, T) batch.
 
+    `z` is this process's share of the step's denominator (see loss.py). The inputs are the
+    labels with padding read as token 0: it only ever follows a sample's last token, where
+    causal attention hides it from every real one.
     For GPT-2 the model stops at the final hidden states and the LM head is fused into
     the loss (see loss.fused_linear_loss); any other model computes its logits.
     The call still goes through the wrapped model, so DDP and autocast see it; no KV
     cache is built, as HF models otherwise do in training too. Under LoRA the peft wrapper
     passes the call through to the GPT-2 inside, whose (frozen) head the fused loss reads.
     """
+    inputs = labels.clamp_min(0)
     inner = base_of(extract_model_from_parallel(model, keep_torch_compile=False))
-    if not isinstance(inner, GPT2LMHeadModel) or not hasattr(loss_fn, "token_weights"):
-        return loss_fn(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
+    if not isinstance(inner, GPT2LMHeadModel):
+        return loss_fn(model(input_ids=inputs, use_cache=False).logits, labels, z)
+    no_logits = torch.empty(0, dtype=torch.long, device=labels.device)
+    out = model(input_ids=inputs, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # (B, T, C), after the final layer norm
-    return fused_linear_loss(hidden, inner.lm_head.weight, input_ids, loss_fn.token_weights(input_ids))
+    return fused_linear_loss(hidden, inner.lm_head.weight, labels, loss_fn.token_weights(labels, z))

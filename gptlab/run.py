@@ -8,6 +8,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpoints, plan_run_dir
+from .config import DEFAULT_MAX_STEPS
 from .checkpoint_io import export_hf
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
@@ -51,8 +52,15 @@ def _saved_config(run_dir: Path, resume):
 
 
 def resolve_max_steps(tc, order: TrainOrder) -> int:
-    if tc.epochs is None:
+    """trainer.max_steps when given (it wins over epochs, as in run_clm), else the steps of
+    trainer.epochs, else the default run's length."""
+    if tc.max_steps is not None:
+        if tc.epochs is not None:
+            log.info("trainer.max_steps=%d wins over trainer.epochs=%s (%.2f epochs); trainer.max_steps=null "
+                     "trains by epochs", tc.max_steps, tc.epochs, order.epoch_at(tc.max_steps))
         return tc.max_steps
+    if tc.epochs is None:
+        return DEFAULT_MAX_STEPS
     return max(1, math.floor(tc.epochs * order.steps_per_epoch))
 
 
@@ -113,7 +121,7 @@ def _run(cfg) -> dict:
     n_all, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
     # (the optimizer state's bytes are logged after step 1, when the moments exist: footprint.py)
     log.info("parameters: %s trainable of %s (%.3g%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
-    loss_fn = make_loss_fn(cfg.loss, tokenizer, accelerator.device)
+    loss_fn = make_loss_fn(cfg.loss, tokenizer)
     model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,

@@ -62,7 +62,8 @@ def check_config(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")
     tc, mc, oc, sc = cfg.trainer, cfg.model, cfg.optim, cfg.scheduler
-    _require(tc.epochs is None or tc.epochs >= 1, f"trainer.epochs={tc.epochs} must be at least 1 (or null)")
+    _require(tc.epochs is None or (tc.epochs > 0 and math.isfinite(tc.epochs)),
+             f"trainer.epochs={tc.epochs} must be a positive number (or null)")
     _require(tc.max_grad_norm >= 0, f"trainer.max_grad_norm={tc.max_grad_norm} must be >= 0 (0 turns clipping off)")
     _require(tc.mixed_precision in MIXED_PRECISION,
              f"trainer.mixed_precision={tc.mixed_precision} must be one of no, fp16, bf16, fp8 (or null)")

@@ -90,7 +90,7 @@ def test_with_compiled_blocks_and_the_fused_lm_head_loss():
                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
     x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
-    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), None, "cpu")
+    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), None)
     plain, checkpointed = tiny(), tiny()
     apply_activation_checkpointing(checkpointed, True)
     compile_blocks(checkpointed)

@@ -34,12 +34,15 @@ class Probe:
 
         def make_loss_fn(*args):
             fn = real_loss(*args)
+            weights = fn.token_weights
 
-            def loss(logits, x):
+            def token_weights(labels, z=None):  # the fused loss's weights: a poisoned step is NaN or big
                 self.calls += 1  # grad_accum=1: call k is optimizer step k
                 self.snapshots[self.calls] = self._snapshot()
-                return fn(logits, x) * self.poison.get(self.calls, 1.0)
-            return loss
+                return weights(labels, z) * self.poison.get(self.calls, 1.0)
+
+            fn.token_weights = token_weights
+            return fn
 
         monkeypatch.setattr(gptlab.run, "build_optimizer", build_optimizer)
         monkeypatch.setattr(gptlab.run, "make_loss_fn", make_loss_fn)

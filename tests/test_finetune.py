@@ -174,7 +174,7 @@ def test_unknown_optimizer_is_a_clear_error():
 
 def test_per_epoch_train_and_test_loss(tmp_path, cache_dir, tiny_corpus):
     run_training(tiny_data(tmp_path, cache_dir, tiny_corpus, "tokenizer.vocab_size=384", "optim=adam",
-                           "optim.lr=3e-3", "trainer.epochs=2", "trainer.micro_batch_size=32",
+                           "optim.lr=3e-3", "trainer.epochs=2", "trainer.max_steps=null", "trainer.micro_batch_size=32",
                            "trainer.grad_accum=2", "trainer.eval_every=100", "trainer.sample_prompts=[]"))
     rows = read_metrics(tmp_path)
     losses = dict(series(rows, "train/loss"))

@@ -165,7 +165,7 @@ def _tiny_peft(r=4):
 def test_only_adapters_are_in_the_optimizer_and_get_gradients_with_the_fused_keytoken_loss():
     from transformers.pytorch_utils import Conv1D
 
-    from gptlab.loss import keytoken_loss, keytoken_weights, LMLoss
+    from gptlab.loss import KeytokenLoss
     from gptlab.model import forward_loss
     from gptlab.footprint import state_bytes
     from gptlab.optim import build_optimizer
@@ -181,9 +181,7 @@ def test_only_adapters_are_in_the_optimizer_and_get_gradients_with_the_fused_key
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for n, p in model.named_parameters() if n in lora}
 
-    kt = torch.tensor([3, 5])
-    loss_fn = LMLoss(lambda logits, ids: keytoken_loss(logits, ids, kt, 2.0),
-                     lambda ids: keytoken_weights(ids, kt, 2.0))
+    loss_fn = KeytokenLoss([3, 5], 2.0, False)
     x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
     fused = forward_loss(model, x, loss_fn)  # the LM head fused into the loss, through the peft wrapper
     plain = loss_fn(model(input_ids=x).logits, x)
@@ -209,7 +207,7 @@ def test_lora_on_another_architecture_merges_exactly():
 
     from gptlab.lora import apply_lora, merged_copy
     from gptlab.model import forward_loss
-    from gptlab.loss import cross_entropy_loss, LMLoss, _mean_weights
+    from gptlab.loss import CrossEntropy
     from gptlab.errors import ConfigError
 
     torch.manual_seed(0)
@@ -227,7 +225,7 @@ def test_lora_on_another_architecture_merges_exactly():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    loss = forward_loss(model, x, LMLoss(cross_entropy_loss, _mean_weights))  # the logits path
+    loss = forward_loss(model, x, CrossEntropy())  # the logits path
     loss.backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == \
         {n for n, _ in model.named_parameters() if "lora_" in n}

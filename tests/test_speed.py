@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import ROOT, SHARED, read_metrics, requires_shared, run_training, series
 
 from gptlab.flops import MFU, flops_per_token, matmul_params, model_flops_per_token, peak_flops
-from gptlab.loss import _FusedLinearCE, cross_entropy_loss, keytoken_loss, keytoken_weights, make_loss_fn
+from gptlab.loss import CrossEntropy, KeytokenLoss, _FusedLinearCE, cross_entropy_loss, keytoken_loss, make_loss_fn
 from gptlab.model import build_model, compile_blocks, forward_loss
 
 
@@ -119,8 +119,10 @@ def test_fused_linear_ce_equals_logits_path_for_both_losses(chunk_rows):
     kt = torch.tensor([7, 9])
     cases = [
         (cross_entropy_loss, torch.full((B, T - 1), 1 / (B * (T - 1)))),
-        (lambda lg, ids: keytoken_loss(lg, ids, kt, 0.5, normalize=False), keytoken_weights(x, kt, 0.5, False)),
-        (lambda lg, ids: keytoken_loss(lg, ids, kt, 0.5, normalize=True), keytoken_weights(x, kt, 0.5, True)),
+        (lambda lg, ids: keytoken_loss(lg, ids, kt, 0.5, normalize=False),
+         KeytokenLoss(kt.tolist(), 0.5, False).token_weights(x)),
+        (lambda lg, ids: keytoken_loss(lg, ids, kt, 0.5, normalize=True),
+         KeytokenLoss(kt.tolist(), 0.5, True).token_weights(x)),
     ]
     for loss, weights in cases:
         ref, ref_gh, ref_gw = reference(h, W, x, loss)
@@ -168,7 +170,7 @@ def test_forward_loss_equals_model_logits_loss_with_gradients(loss_name):
     from omegaconf import OmegaConf
 
     loss_cfg = OmegaConf.create({"name": loss_name, "keywords": ["kw"], "alpha": 1.0, "normalize": False})
-    loss_fn = make_loss_fn(loss_cfg, FakeTokenizer(96), "cpu")
+    loss_fn = make_loss_fn(loss_cfg, FakeTokenizer(96))
     x = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(2))
     x[1, :3] = 5
     grads = []
@@ -216,7 +218,7 @@ def test_compiled_blocks_give_the_same_loss_and_keep_the_model_plain():
     from omegaconf import OmegaConf
 
     x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
-    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), None, "cpu")
+    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), None)
     eager, compiled = tiny_gpt2(), tiny_gpt2()
     compile_blocks(compiled)
     assert type(compiled) is GPT2LMHeadModel and compiled.state_dict().keys() == eager.state_dict().keys()

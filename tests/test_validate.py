@@ -27,7 +27,7 @@ CONFIG_TABLE = [
     ("trainer.cpu_threads=0", r"^trainer\.cpu_threads=0 must be at least 1$"),
     ("trainer.max_skips=0", r"^trainer\.max_skips=0 must be at least 1$"),
     ("trainer.sample_max_new_tokens=0", r"^trainer\.sample_max_new_tokens=0 must be at least 1$"),
-    ("trainer.epochs=0", r"^trainer\.epochs=0 must be at least 1 \(or null\)$"),
+    ("trainer.epochs=0", r"^trainer\.epochs=0\.0 must be a positive number \(or null\)$"),
     ("trainer.max_grad_norm=-1", r"^trainer\.max_grad_norm=-1\.0 must be >= 0"),
     ("trainer.mixed_precision=int4", r"^trainer\.mixed_precision=int4 must be one of no, fp16, bf16, fp8"),
     ("trainer.nonfinite=ignore", r"^trainer\.nonfinite=ignore must be skip or stop$"),

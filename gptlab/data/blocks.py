@@ -1,4 +1,9 @@
-"""Fixed-length blocks over a memmapped token stream, and who reads which block when.
+"""Fixed-length blocks (or whole samples) over a memmapped token stream, and who reads which when.
+
+A batch is one (B, T) int64 tensor that serves as the labels: the inputs are the same ids,
+shifted inside the loss. Padding (per-sample mode only) is IGNORE_INDEX, which the loss
+skips and the model reads as token 0: it sits after each sample's end, where causal
+attention hides it from every real token.
 
 The training order is a pure function of (seed, global micro-batch index): the
 stream of micro-batches runs through epoch after epoch, each a fresh permutation of
@@ -39,20 +44,65 @@ def plan_grad_accum(micro_batch_size: int, num_processes: int, global_batch_size
     return derived
 
 
+IGNORE_INDEX = -100  # a label the loss skips (PyTorch's and Hugging Face's convention)
+
+
 class TokenBlocks:
+    """Packed modes (concat, chunk): the stream cut into blocks of block_size tokens."""
+
     def __init__(self, path: Path, dtype: str, block_size: int):
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         self.block_size = block_size
         self.n_blocks = len(self.tokens) // block_size
+        self.what = f"blocks of data.block_size={block_size}"
 
     def __len__(self) -> int:
         return self.n_blocks
 
     def batch(self, block_ids: np.ndarray) -> torch.Tensor:
-        """(B, T) int64 input ids; labels are the same ids, shifted inside the loss."""
+        """(B, T) int64 ids."""
         starts = np.asarray(block_ids, dtype=np.int64)[:, None] * self.block_size
         rows = self.tokens[starts + np.arange(self.block_size)]
         return torch.from_numpy(rows.astype(np.int64))
+
+    def targets(self, block_ids: np.ndarray) -> np.ndarray:
+        """Each row's count of predicted tokens, without reading the tokens."""
+        return np.full(len(block_ids), self.block_size - 1)
+
+    def n_tokens(self, block_ids: np.ndarray) -> int:
+        return len(block_ids) * self.block_size
+
+
+class TokenSamples:
+    """Per-sample mode (pack=sample): one document per row, padded to the longest in its batch.
+
+    `path` holds the documents' ids back to back; `<path>.idx` their start offsets (uint64,
+    one more than there are documents). block_size is the longest a sample was kept.
+    """
+
+    def __init__(self, path: Path, dtype: str, block_size: int):
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        self.offsets = np.fromfile(f"{path}.idx", dtype=np.uint64).astype(np.int64)
+        self.lengths = np.diff(self.offsets)
+        self.block_size = block_size
+        self.what = "samples (data.pack=sample: one document per row)"
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, sample_ids: np.ndarray) -> torch.Tensor:
+        """(B, L) int64 ids, L the longest sample here, IGNORE_INDEX after each sample's end."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        rows = np.full((len(ids), int(self.lengths[ids].max())), IGNORE_INDEX, dtype=np.int64)
+        for row, i in zip(rows, ids):
+            row[:self.lengths[i]] = self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return torch.from_numpy(rows)
+
+    def targets(self, sample_ids: np.ndarray) -> np.ndarray:
+        return np.maximum(self.lengths[np.asarray(sample_ids, dtype=np.int64)] - 1, 0)
+
+    def n_tokens(self, sample_ids: np.ndarray) -> int:
+        return int(self.lengths[np.asarray(sample_ids, dtype=np.int64)].sum())
 
 
 class TrainOrder:
@@ -64,26 +114,30 @@ class TrainOrder:
         if self.micro_per_epoch < 1:
             raise ValueError(f"the training set has {n_blocks} blocks, fewer than one micro batch "
                              f"of {micro_batch_size}")
-        self._epoch, self._perm = -1, None
+        self._perms = {}  # epoch -> permutation; the two latest, as a step may straddle two epochs
 
     @property
     def steps_per_epoch(self) -> float:
         return self.micro_per_epoch / (self.a * self.w)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
-        return self._perm
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        return self._perms[epoch]
+
+    def _micro_batch(self, g: int) -> np.ndarray:
+        epoch, i = divmod(g, self.micro_per_epoch)
+        return self._permutation(epoch)[i * self.b:(i + 1) * self.b]
 
     def micro_batches(self, step: int):
         """This rank's grad_accum block-id arrays for 0-based optimizer step `step`."""
-        out = []
-        for a in range(self.a):
-            g = (step * self.a + a) * self.w + self.rank
-            epoch, i = divmod(g, self.micro_per_epoch)
-            out.append(self._permutation(epoch)[i * self.b:(i + 1) * self.b])
-        return out
+        return [self._micro_batch((step * self.a + a) * self.w + self.rank) for a in range(self.a)]
+
+    def step_batches(self, step: int):
+        """Every rank's micro-batches of the step: what the loss normalises over, known to each
+        rank without a collective."""
+        return [self._micro_batch(step * self.a * self.w + g) for g in range(self.a * self.w)]
 
     def epoch_at(self, step: int) -> float:
         return step * self.a * self.w / self.micro_per_epoch

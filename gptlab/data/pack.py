@@ -4,7 +4,9 @@
 stream is read (data/blocks.py), so the remainder of the last block is dropped there
 and changing block_size needs no new cache. `chunk`: each document on its own is cut
 into block_size pieces and its short tail dropped (seed 002's
-`return_overflowing_tokens`), so the stream is a whole number of blocks.
+`return_overflowing_tokens`), so the stream is a whole number of blocks. `sample`: each
+document is one training sample (seed 003's one padded row per line), its ids stored as
+they are, cut at block_size, with its start offset in `<split>.bin.idx`.
 
 Speed: documents go to the Rust tokenizer in batches of about 256k characters, which it
 encodes on all cores. A long document is cut into pieces first, only at places where
@@ -62,8 +64,9 @@ class _Stream:
         self.f = open(path, "wb")
         self.dtype, self.pack, self.block_size, self.eos = dtype, pack, block_size, eos
         self.out: List[list] = []  # id lists waiting for the next write
-        self.doc: List[list] = []  # chunk mode: the current document's pieces
+        self.doc: List[list] = []  # chunk and sample modes: the current document's pieces
         self.tokens = self.documents = self.dropped = 0
+        self.offsets = [0] if pack == "sample" else None
 
     def add(self, ids: list, doc_end: bool) -> None:
         if self.pack == "concat":
@@ -74,7 +77,11 @@ class _Stream:
             self.doc.append(ids)
             if doc_end:
                 flat = list(itertools.chain.from_iterable(self.doc))
-                keep = len(flat) // self.block_size * self.block_size
+                if self.pack == "chunk":
+                    keep = len(flat) // self.block_size * self.block_size
+                else:
+                    keep = min(len(flat), self.block_size)
+                    self.offsets.append(self.offsets[-1] + keep)
                 self.out.append(flat[:keep])
                 self.dropped += len(flat) - keep
                 self.doc = []
@@ -89,6 +96,8 @@ class _Stream:
     def close(self) -> dict:
         self.flush()
         self.f.close()
+        if self.offsets is not None:
+            np.array(self.offsets, dtype=np.uint64).tofile(f"{self.f.name}.idx")
         return {"tokens": self.tokens, "documents": self.documents, "dropped_tokens": self.dropped}
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..hub import is_hub_id, resolve
 from ..tokenizer import load_tokenizer, sample_evenly, tokenizer_hash, tokenizer_path, train_bpe
-from .blocks import TokenBlocks
+from .blocks import TokenBlocks, TokenSamples
 from .cache import build_once, fingerprint, read_meta
 from .filters import labelled_documents, plan_split
 from .librus import LibrusSource
@@ -37,7 +37,7 @@ SOURCE_KEYS = ("files", "valid_files", "encoding", "text_unit", "text_field", "d
                "builder", "streaming", "config_name", "revision", "split", "valid_builder", "valid_revision",
                "valid_split", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
                "download_retries", "download_max_bytes", "keywords", "min_chars")
-PACKS = ("concat", "chunk")
+PACKS = ("concat", "chunk", "sample")
 TEXT_UNITS = ("file", "paragraph", "line")
 CACHE_VERSION = 2  # bump when the on-disk layout or the packing changes
 
@@ -45,8 +45,8 @@ CACHE_VERSION = 2  # bump when the on-disk layout or the packing changes
 @dataclass
 class Prepared:
     tokenizer: object
-    train: TokenBlocks
-    valid: TokenBlocks
+    train: TokenBlocks | TokenSamples
+    valid: TokenBlocks | TokenSamples
     info: dict
 
 
@@ -87,7 +87,7 @@ def make_sources(dc, cache_root: Path) -> List[Source]:
 
 def _check(dc, sources) -> None:
     if dc.pack not in PACKS:
-        raise DataError(f"data.pack={dc.pack!r}: choose concat or chunk")
+        raise DataError(f"data.pack={dc.pack!r}: choose {', '.join(PACKS)}")
     if dc.block_size < 2:
         raise DataError(f"data.block_size must be at least 2, got {dc.block_size}")
     if not any(s.has_valid for s in sources) and not 0.0 < dc.valid_fraction < 1.0:
@@ -156,7 +156,7 @@ def prepare(cfg, cache_root: Path, is_builder: bool = True, show_progress: bool 
 
     T = dc.block_size
     key = fingerprint({"corpus": corpus_key, "tokenizer": tok_hash, "eos": tokenizer.eos_token_id,
-                       "pack": dc.pack, "block_size": T if dc.pack == "chunk" else None})
+                       "pack": dc.pack, "block_size": None if dc.pack == "concat" else T})
 
     def build(tmp: Path) -> dict:
         plan = read_meta(split_dir)
@@ -167,8 +167,9 @@ def prepare(cfg, cache_root: Path, is_builder: bool = True, show_progress: bool 
 
     cache = build_once(cache_root / "tokens" / key, build, is_builder)
     info = read_meta(cache)
-    train = TokenBlocks(cache / "train.bin", info["dtype"], T)
-    valid = TokenBlocks(cache / "valid.bin", info["dtype"], T)
+    rows = TokenSamples if dc.pack == "sample" else TokenBlocks
+    train = rows(cache / "train.bin", info["dtype"], T)
+    valid = rows(cache / "valid.bin", info["dtype"], T)
     for name, blocks in (("train", train), ("valid", valid)):
         if len(blocks) == 0:
             raise DataError(f"the {name} split has {len(blocks.tokens)} tokens, fewer than one block of "
@@ -189,6 +190,10 @@ def _log_summary(info: dict, dc) -> None:
              kept, read, 100 * kept / max(read, 1), how, plan["n_valid"])
     for name in ("train", "valid"):
         s = info[name]
+        if dc.pack == "sample":
+            log.info("%s: %d samples of up to %d tokens (%s), %d tokens cut from longer ones", name, s["blocks"],
+                     dc.block_size, info["dtype"], s["dropped_tokens"])
+            continue
         log.info("%s: %d documents, %d blocks of %d tokens (%s) kept, %d tokens dropped by %s packing",
                  name, s["documents"], s["blocks"], dc.block_size, info["dtype"], s["dropped_tokens"], dc.pack)
 

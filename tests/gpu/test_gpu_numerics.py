@@ -8,7 +8,7 @@ import torch
 
 from conftest import read_metrics, run_training, series
 from gpu_common import gpu, no_tf32, report, smoke  # noqa: F401 (no_tf32 is a fixture)
-from gptlab.loss import LMLoss, _mean_weights, cross_entropy_loss, fused_linear_loss, keytoken_loss, keytoken_weights
+from gptlab.loss import CrossEntropy, KeytokenLoss, fused_linear_loss
 
 pytestmark = gpu
 
@@ -71,10 +71,7 @@ FUSED_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-3, 2e-2), torch.fl
 
 
 def _losses(device):
-    kt = torch.tensor([3, 7, 11, 200], device=device)
-    return {"cross_entropy": LMLoss(cross_entropy_loss, _mean_weights),
-            "keytoken": LMLoss(lambda logits, ids: keytoken_loss(logits, ids, kt, 1.5, False),
-                               lambda ids: keytoken_weights(ids, kt, 1.5, False))}
+    return {"cross_entropy": CrossEntropy(), "keytoken": KeytokenLoss([3, 7, 11, 200], 1.5, False)}
 
 
 def _rel(a, b):

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint_io import (STATE_FILE, BaseMismatchError, all_true, checkpoint_dir, layout, link_copy,
-                            list_checkpoints, load_checkpoint, on_every_process, remove_dir, save_checkpoint,
-                            step_of)
+from .checkpoint_io import (STATE_FILE, BaseMismatchError, all_true, by_model_names, checkpoint_dir, layout,
+                            link_copy, list_checkpoints, load_checkpoint, on_every_process, remove_dir,
+                            save_checkpoint, step_of)
 from .lora import only_trainable
 from .preemption import StopSignals
 from .errors import CheckpointError, ConfigError, MissingPathError
@@ -89,7 +89,8 @@ class Checkpoints:
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
         self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
         if lora_base is not None:
-            accelerator.register_save_state_pre_hook(only_trainable)
+            accelerator.register_save_state_pre_hook(only_trainable)  # by the wrapped names, so first
+        accelerator.register_save_state_pre_hook(by_model_names)
         self.root = Path(run_dir) / "checkpoints"
         self.save_every, self.keep_last = cfg.trainer.save_every, cfg.trainer.keep_last
         self.best = None  # {"step": s, "eval/loss": x}

@@ -2,14 +2,18 @@
 
 A checkpoint is a directory, `run_dir/checkpoints/step_0000100/`, holding Accelerate's
 state (`model.safetensors`, `optimizer.bin`, `random_states_<rank>.pkl` for every
-process, `scaler.pt` under fp16), the resolved `config.yaml`, the `tokenizer/`, the
-model's `hf_config/` and `trainer_state.json` (step, epoch, best eval/loss, file sizes,
-layout). Under FSDP the layout is "sharded": the weights and optimizer state are
+process, `scaler.pt` under fp16), the resolved `config.yaml`, the tokenizer's files, the
+model's `config.json` and `generation_config.json`, and `trainer_state.json` (step, epoch,
+best eval/loss, file sizes, layout). As in a Trainer's `checkpoint-N/`, the weights are
+stored by the model's own parameter names, so `AutoModelForCausalLM.from_pretrained(ckpt)`
+and `AutoTokenizer.from_pretrained(ckpt)` load it as it is. Under FSDP the layout is "sharded": the weights and optimizer state are
 torch.distributed.checkpoint directories (`pytorch_model_fsdp_0/`, `optimizer_0/`) with one
 file per process, each written by its own process; no process gathers the model.
 With LoRA (model.lora.r > 0) `model.safetensors` and `optimizer.bin` hold the adapters
-and their optimizer state only; `trainer_state.json` names the frozen base by path and
-hash (see lora.py), and a resume against other base weights is refused.
+and their optimizer state only, and there is no `config.json` (a base without its weights
+would load as random); `trainer_state.json` names the frozen base by path and hash (see
+lora.py), and a resume against other base weights is refused. Sharded and LoRA
+checkpoints become plain models with `python -m gptlab.export`.
 
 A directory appears under its final name only once it is complete and on disk, and is
 removed by renaming it first, so a kill at any moment never leaves one that looks valid.
@@ -18,6 +22,7 @@ When to save, what to keep and what to resume from is the run's policy: checkpoi
 import json
 import logging
 import os
+from collections import OrderedDict
 import re
 import shutil
 from datetime import datetime, timezone
@@ -33,7 +38,9 @@ from .errors import CheckpointError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+# 2: config and tokenizer files at the top, weights by the model's own names; 1 kept them in
+# hf_config/ and tokenizer/, and its weights by the names of the launch's wrapper.
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -83,8 +90,11 @@ def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, t
         if not main:
             return
         OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        accelerator.unwrap_model(model).config.save_pretrained(str(tmp / "hf_config"))
+        tokenizer.save_pretrained(str(tmp))
+        unwrapped = accelerator.unwrap_model(model)
+        if not is_peft(unwrapped):
+            unwrapped.config.save_pretrained(str(tmp))
+            unwrapped.generation_config.save_pretrained(str(tmp))
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {"format": FORMAT_VERSION, "step": step, **(trainer_state or {}), "files": files,
                  "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -177,22 +187,57 @@ def load_checkpoint(accelerator, ckpt, model=None, lora_base=None) -> dict:
         from accelerate.utils import load
         # Accelerate only logs a failed RNG restore, and an exact resume needs it: fail here instead.
         load(Path(ckpt) / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
-    if lora_base is None:
-        accelerator.load_state(str(ckpt))  # safetensors for the weights, torch.load(weights_only=True) for the rest
+    if have == "sharded":
+        accelerator.load_state(str(ckpt))  # torch.distributed.checkpoint, each process its own shards
         return state
     from safetensors.torch import load_file
 
-    # By the unwrapped names: a checkpoint written under DDP ("module.") resumes on one process too.
-    adapters = {strip_wrappers(k): v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
+    # By the model's own names, into the unwrapped model: a checkpoint written under DDP resumes
+    # on one process too (format 1 stored DDP's "module." names).
+    weights = {strip_wrappers(k): v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
     inner = accelerator.unwrap_model(model)
-    expected = set(trainable_names(inner))
-    if set(adapters) != expected:
-        raise CheckpointError(f"{ckpt}: its adapters do not match this run's model.lora settings: missing "
-                              f"{sorted(expected - set(adapters))[:3]}, "
-                              f"unexpected {sorted(set(adapters) - expected)[:3]}")
-    accelerator.load_state(str(ckpt), strict=False)  # the optimizer, RNG and scaler; the file lacks the frozen base
-    inner.load_state_dict(adapters, strict=False)
+    if lora_base is None:
+        load_weights(inner, weights, ckpt)
+    else:  # the frozen base is already in place and is the checkpoint's: only the adapters are read
+        expected = set(trainable_names(inner))
+        if set(weights) != expected:
+            raise CheckpointError(f"{ckpt}: its adapters do not match this run's model.lora settings: missing "
+                                  f"{sorted(expected - set(weights))[:3]}, "
+                                  f"unexpected {sorted(set(weights) - expected)[:3]}")
+        inner.load_state_dict(weights, strict=False)
+    # Then the optimizer, RNG states and scaler (torch.load, weights_only=True); the weights are in.
+    skip_weights = accelerator.register_load_state_pre_hook(lambda models, _input_dir: models.clear())
+    try:
+        accelerator.load_state(str(ckpt))
+    finally:
+        skip_weights.remove()
     return state
+
+
+def load_weights(model, weights: dict, ckpt) -> None:
+    """A full state dict into `model`, by name; tied weights (GPT-2's LM head is the token
+    embedding) are stored once, and anything else missing or unexpected is an error."""
+    params = model.state_dict()
+    unexpected = sorted(set(weights) - set(params))
+    loaded = {params[k].data_ptr() for k in weights if k in params}
+    missing = sorted(k for k in set(params) - set(weights) if params[k].data_ptr() not in loaded)
+    if unexpected or missing:
+        raise CheckpointError(f"{ckpt}: the weights do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    model.load_state_dict(weights, strict=False)
+
+
+def part_dir(ckpt, name: str) -> Path:
+    """Where a checkpoint keeps the model config (name "hf_config") or the tokenizer ("tokenizer"):
+    at its top, or in that subdirectory for format 1."""
+    return Path(ckpt) / name if (Path(ckpt) / name).is_dir() else Path(ckpt)
+
+
+def by_model_names(_models, weights, _output_dir) -> None:
+    """accelerate save_state pre-hook: store the weights by the model's own parameter names (DDP's
+    "module." dropped), the names from_pretrained and every other reader look for."""
+    for i, state in enumerate(weights):  # an OrderedDict, which accelerate de-duplicates (tied weights)
+        weights[i] = OrderedDict((strip_wrappers(k), v) for k, v in state.items())
 
 
 def strip_wrappers(key: str) -> str:

@@ -55,15 +55,20 @@ class DataConfig:
     valid_files: List[str] = field(default_factory=list)
     encoding: str = "utf-8"  # text, jsonl, librus_html (lib.ru pages are cp1251)
     text_unit: str = "file"  # text: one document per file | paragraph (blank-line separated) | line
-    text_field: str = "text"  # jsonl: the field; hf: the column
-    # sqlite: the database file and a query whose first column is the text.
+    text_field: str = "text"  # jsonl: the field; hf, sqlite: the column
+    # sqlite: the database file and a query; the text is its only column, or the one named text_field.
     db: Optional[str] = None
     query: Optional[str] = None
     valid_query: Optional[str] = None
     # hf: a datasets packaged builder (json, csv, parquet, arrow, text) over `files`,
     # or `disk` for a directory written by save_to_disk (files: [DIR]).
     builder: str = "json"
+    # hf: read rows as they are used (a Hub id over the network, with nothing downloaded first).
     streaming: bool = False
+    # hf: keep this many rows of the train (valid) data, shuffled with split_seed first, as
+    # seed 002's shuffle(seed).select(range(N)); null keeps all.
+    select: Optional[int] = None
+    valid_select: Optional[int] = None
     # hf with a dataset repo as builder: a Hub dataset id (org/name) or a local directory
     # laid out like one. split is read for training; valid_builder (another repo) and/or
     # valid_split give explicit validation data (its split defaults to `split`).
@@ -90,6 +95,10 @@ class DataConfig:
     min_chars: int = 1
     valid_fraction: float = 0.01
     split_seed: int = 0
+    # hash: a document goes to validation by a hash of (split_seed, its name), stable as a corpus
+    # grows; sklearn: scikit-learn's train_test_split(test_size=valid_fraction,
+    # random_state=split_seed) over the kept documents in order (the notebooks' split, exactly).
+    split_method: str = "hash"
     # concat: EOS after each document, one stream cut into blocks (remainder dropped);
     # chunk: each document cut into blocks on its own, short tails dropped.
     pack: str = "concat"
@@ -101,8 +110,12 @@ class TokenizerConfig:
     # A directory with a saved tokenizer or a Hub id; None trains a byte-level BPE on the train split.
     path: Optional[str] = None
     revision: Optional[str] = None  # of a Hub id, as model.revision
+    # byte_level: GPT-2's byte-level BPE; whitespace: seeds 000/001's words-and-punctuation BPE
+    # (characters it never saw become [UNK], if that is a special token; decoding joins tokens with spaces).
+    kind: str = "byte_level"
     vocab_size: int = 8192
     min_frequency: int = 2
+    # The first is bos and eos (documents end with it), and pad unless [PAD] is one of them.
     special_tokens: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
     # BPE training reads at most this much of the train split (an even, deterministic
     # sample of whole documents): its memory grows with what it reads (~5x). Tokenizing
@@ -211,6 +224,9 @@ class GenerateConfig:
     num_beams: int = 1
     num_return_sequences: int = 1
     repetition_penalty: float = 1.0
+    # The whole text's length in tokens, prompt included (HF's max_length, as seeds 003 and 004
+    # sample); when set it replaces trainer.sample_max_new_tokens and the CLI's --max_new_tokens.
+    max_length: Optional[int] = None
 
 
 @dataclass

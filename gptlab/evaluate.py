@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
         description="Token-weighted loss and perplexity of a trained model on a corpus. The corpus is "
                     "the data config of the run the model came from, changed by Hydra overrides "
                     "(data=... data.KEY=...); the model's own tokenizer is always used.")
-    ap.add_argument("path", help="an HF export, a run dir or a checkpoint dir")
+    ap.add_argument("path", help="an HF export, a run dir, a checkpoint dir or a Hub id (through the HF cache)")
+    ap.add_argument("--revision", help="of a Hub id: a branch, tag or commit")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the data, e.g. data.block_size=128")
     ap.add_argument("--split", choices=("valid", "train"), default="valid")
     ap.add_argument("--batch_size", type=int, default=8)
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
     from .model import load_trained, max_positions
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
-    trained = load_trained(args.path)
+    trained = load_trained(args.path, revision=args.revision)
     n_pos = max_positions(trained.model.config)
     cfg = eval_config(trained.run_cfg, list(args.overrides), trained.tokenizer_dir, n_pos)
     if n_pos is not None and cfg.data.block_size > n_pos:

@@ -11,7 +11,8 @@ import logging
 import warnings
 from pathlib import Path
 
-from .checkpoint_io import CheckpointError, export_hf, find_checkpoint, read_trainer_state, strip_wrappers
+from .checkpoint_io import (CheckpointError, export_hf, find_checkpoint, load_weights, part_dir, read_trainer_state,
+                            strip_wrappers)
 from .lora import is_peft, merged_copy
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,10 @@ def load_checkpoint_model(ckpt, merge: bool = True):
     weights = {strip_wrappers(k): v for k, v in weights.items()}
     if state.get("lora"):
         model = _load_lora(ckpt, state["lora"], weights)
-        return (merged_copy(model) if merge else model), load_tokenizer(ckpt / "tokenizer"), ckpt
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(ckpt / "hf_config")))
-    params = model.state_dict()
-    unexpected = sorted(set(weights) - set(params))
-    loaded = {params[k].data_ptr() for k in weights if k in params}
-    # Tied weights (GPT-2's LM head is the token embedding) are stored once.
-    missing = sorted(k for k in set(params) - set(weights) if params[k].data_ptr() not in loaded)
-    if unexpected or missing:
-        raise CheckpointError(f"{ckpt}: the weights do not match hf_config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    model.load_state_dict(weights, strict=False)
-    return model, load_tokenizer(ckpt / "tokenizer"), ckpt
+        return (merged_copy(model) if merge else model), load_tokenizer(part_dir(ckpt, "tokenizer")), ckpt
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(part_dir(ckpt, "hf_config"))))
+    load_weights(model, weights, ckpt)
+    return model, load_tokenizer(part_dir(ckpt, "tokenizer")), ckpt
 
 
 def _load_lora(ckpt, lora: dict, adapters: dict):

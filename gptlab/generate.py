@@ -21,6 +21,8 @@ def sampling_kwargs(gen_cfg) -> dict:
     """HF `generate` keyword arguments from a GenerateConfig (dataclass or DictConfig)."""
     kw = {f.name: gen_cfg[f.name] if hasattr(gen_cfg, "keys") else getattr(gen_cfg, f.name)
           for f in fields(GenerateConfig)}
+    if kw["max_length"] is None:
+        kw.pop("max_length")
     if not kw["do_sample"]:  # these only shape sampling; HF warns when they come with greedy/beam search
         for k in ("temperature", "top_k", "top_p"):
             kw.pop(k)
@@ -53,7 +55,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, synced_gpus=_sharded(model),
+        length = {} if "max_length" in sampling else {"max_new_tokens": max_new_tokens}  # max_length wins
+        out = model.generate(**enc, **length, pad_token_id=pad, synced_gpus=_sharded(model),
                              **({"do_sample": True, "top_k": 50} | sampling))
     model.train(was_training)
     return tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -84,7 +87,9 @@ def read_prompts(path: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gptlab.generate", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("path", help="a run dir (its final/ or latest checkpoint), a checkpoint dir or an HF export")
+    ap.add_argument("path", help="a run dir (its final/ or latest checkpoint), a checkpoint dir, an HF export "
+                                 "or a Hub id (through the HF cache)")
+    ap.add_argument("--revision", help="of a Hub id: a branch, tag or commit")
     ap.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     ap.add_argument("--prompts_file", help="a .json list of prompts, or a text file with one prompt per line")
     ap.add_argument("--max_new_tokens", type=int, default=100)
@@ -99,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--num_beams", type=int)
     ap.add_argument("--num_return_sequences", type=int)
     ap.add_argument("--repetition_penalty", type=float)
+    ap.add_argument("--max_length", type=int, help="tokens in all, prompt included; replaces --max_new_tokens")
     return ap
 
 
@@ -106,7 +112,7 @@ def main(argv=None) -> list:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    trained = load_trained(args.path, args.device)
+    trained = load_trained(args.path, args.device, args.revision)
     model, tokenizer, run_cfg = trained.model, trained.tokenizer, trained.run_cfg
     gen = asdict(GenerateConfig())
     if run_cfg is not None and "generate" in run_cfg:

@@ -41,7 +41,7 @@ class HubError(MissingPathError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    path: Path  # a local directory: the user's own, or a snapshot in the HF cache
+    path: Optional[Path]  # a local directory: the user's own, or a snapshot in the HF cache; None: streamed
     repo_id: Optional[str] = None  # None for a local directory
     commit: Optional[str] = None
 
@@ -73,16 +73,21 @@ def offline() -> bool:
 
 
 def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: str = "model",
-            weights: bool = True) -> Snapshot:
+            weights: bool = True, download: bool = True) -> Snapshot:
     """A local directory as it is, or the cached (else downloaded) snapshot of a Hub id.
 
     weights=False (a tokenizer) leaves a model repo's weight files out of the download.
+    download=False (a streamed dataset) only pins the revision to its commit: nothing is
+    downloaded, and the data is read over the network as it is used. Offline it is the cached
+    snapshot, streamed from disk, as for any id.
     """
     path = Path(str(value)).expanduser()
     if path.is_dir():
         return Snapshot(path.absolute())
     if not HUB_ID.match(str(value)):
         raise MissingPathError(f"{key}={value}: no such directory (and not a Hub id such as org/name)")
+    if not download and not offline():
+        return Snapshot(None, str(value), _remote_commit(value, revision, key, repo_type))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, IncompleteSnapshotError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -118,6 +123,23 @@ def resolve(value: str, revision: Optional[str] = None, *, key: str, repo_type: 
     return Snapshot(folder, str(value), folder.name)
 
 
+def _remote_commit(repo_id: str, revision: Optional[str], key: str, repo_type: str) -> str:
+    if is_commit(revision):
+        return revision
+    at = f"@{revision}" if revision else ""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision).sha
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise HubError(f"{key}={repo_id}{at}: {type(e).__name__} on the Hugging Face Hub (a typo, a private or "
+                       f"gated {repo_type}: `hf auth login`)") from None
+    except OSError as e:  # no network
+        raise HubError(f"{key}={repo_id}{at}: the Hugging Face Hub is not reachable ({e}); data.streaming=true "
+                       f"needs it") from None
+
+
 def _skip_weights(repo_id: str, revision: Optional[str], cache: Path) -> List[str]:
     """What not to download: other frameworks' weights, and the .bin copies when there are safetensors
     (from_pretrained reads the safetensors; many repos hold both, doubling the download)."""
@@ -149,7 +171,7 @@ def hub_refs(cfg, datasets: bool) -> List[Tuple[str, str, str]]:
             and (datasets or not ref[0].startswith("data."))]
 
 
-def pin_hub_ids(cfg, accelerator, cache_root: Path, datasets: bool, previous=None) -> None:
+def pin_hub_ids(cfg, accelerator, cache_root: Path, datasets: bool, previous=None, stream: bool = False) -> None:
     """Resolve every Hub id in `cfg` and set its revision to the snapshot's commit.
 
     The local main process of each machine downloads what is missing (with the Hub's
@@ -181,7 +203,8 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, datasets: bool, previous=Non
             value, revision = OmegaConf.select(cfg, key), OmegaConf.select(cfg, rev_key)
             if (kind, value, revision) not in seen:  # a model's own tokenizer: one look-up
                 seen[kind, value, revision] = resolve(value, revision, key=key, repo_type=kind,
-                                                      weights=key != "tokenizer.path").commit
+                                                      weights=key != "tokenizer.path",
+                                                      download=not (stream and kind == "dataset")).commit
             commits[key] = seen[kind, value, revision]
         return commits
 

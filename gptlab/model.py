@@ -137,7 +137,8 @@ def run_config(path: Path):
     """The resolved config of the run `path` belongs to (a run dir, its final/ or a checkpoint), if any."""
     from omegaconf import OmegaConf
 
-    candidates = [path / "config.yaml"] if not _is_export(path) else []
+    # a checkpoint's own (trainer_state.json beside it), not a foreign export's config.yaml
+    candidates = [path / "config.yaml"] if (path / "trainer_state.json").is_file() or not _is_export(path) else []
     candidates += [d / ".hydra" / "config.yaml" for d in (path, path.parent, path.parent.parent)]
     return next((OmegaConf.load(f) for f in candidates if f.is_file()), None)
 
@@ -151,18 +152,23 @@ class Trained:
     run_cfg: object  # the resolved config of the run that made it, or None
 
 
-def load_trained(path, device: str = "cpu") -> Trained:
-    """The model and tokenizer of an HF export, a run dir or a checkpoint dir.
+def load_trained(path, device: str = "cpu", revision: str | None = None) -> Trained:
+    """The model and tokenizer of an HF export, a run dir, a checkpoint dir or a Hub id.
 
     A run dir means its final/ export, or its latest complete checkpoint if the run did not
-    finish; a checkpoint's model is built from its hf_config/ and loaded with its weights.
+    finish; a checkpoint's model is built from its config and loaded with its weights. A Hub
+    id is read through the HF cache (offline too, once cached), at `revision` if given.
     """
+    from .checkpoint_io import part_dir
     from .export import load_checkpoint_model
     from .tokenizer import load_tokenizer
 
+    if is_hub_id(path):
+        path = resolve(str(path), revision, key="path").path
     path = Path(path).expanduser().absolute()
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected an HF export, a run dir or a checkpoint)")
+        raise FileNotFoundError(f"{path} is not a directory (expected an HF export, a run dir, a checkpoint or a "
+                                f"Hub id)")
     if not _is_export(path) and _is_export(path / "final"):
         path = path / "final"
     if _is_export(path):
@@ -174,7 +180,7 @@ def load_trained(path, device: str = "cpu") -> Trained:
             raise FileNotFoundError(f"no model here: no HF export (config.json with weights), no final/, "
                                     f"and {e}") from None
     log.info("loaded %s from %s", type(model).__name__, path)
-    return Trained(never_padded(model).eval().to(device), tokenizer, path if _is_export(path) else path / "tokenizer", path,
+    return Trained(never_padded(model).eval().to(device), tokenizer, part_dir(path, "tokenizer"), path,
                    run_config(path))
 
 

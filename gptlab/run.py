@@ -88,6 +88,7 @@ def _run(cfg) -> dict:
     cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config
     # Before the config is saved: the run dir and every checkpoint store the pinned commits.
     pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), datasets=HfSource.reads_repo(cfg.data),
+                stream=cfg.data.streaming,
                 previous=_saved_config(run_dir, cfg.resume))
     if main:
         _save_config(cfg, run_dir)

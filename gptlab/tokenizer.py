@@ -1,4 +1,9 @@
-"""Train a byte-level BPE with HF `tokenizers`, or load a saved tokenizer from a directory.
+"""Train a BPE with HF `tokenizers`, or load a saved tokenizer from a directory.
+
+tokenizer.kind=byte_level (the default) is GPT-2's byte-level BPE: any text encodes, and
+decodes back exactly. whitespace is seeds 000/001's: words split on whitespace and
+punctuation (which it drops), merges over the characters seen in training, `[UNK]` for any
+other; decoding joins the tokens with spaces.
 
 Whichever it is, the tokenizer has an eos token (documents are separated by it), a pad
 token (eos if it had none), a content hash that keys the token cache, and it is saved
@@ -49,27 +54,36 @@ def sample_evenly(texts: Iterable[str], total_bytes: int, max_bytes: Optional[in
             yield text
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
-              special_tokens: Sequence[str], length: Optional[int] = None) -> PreTrainedTokenizerFast:
-    """Byte-level BPE as in GPT-2; the first special token is bos, eos and pad."""
-    if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"tokenizer.vocab_size={vocab_size} is below the 256 byte symbols plus specials")
+KINDS = ("byte_level", "whitespace")
+UNK, PAD = "[UNK]", "[PAD]"  # the whitespace kind's unknown and padding tokens, by the seeds' names
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, special_tokens: Sequence[str],
+              length: Optional[int] = None, kind: str = "byte_level") -> PreTrainedTokenizerFast:
+    """A BPE of `kind`; the first special token is bos and eos (and pad, unless [PAD] is one)."""
     if not special_tokens:
         raise ValueError("tokenizer.special_tokens needs at least one token to serve as eos")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if kind == "byte_level":
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"tokenizer.vocab_size={vocab_size} is below the 256 byte symbols plus specials")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif kind == "whitespace":
+        tok = Tokenizer(models.BPE(unk_token=UNK if UNK in special_tokens else None))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        alphabet = []
+    else:
+        raise ValueError(f"tokenizer.kind={kind!r}: choose {' or '.join(KINDS)}")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens), initial_alphabet=alphabet,
+                                  show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     eos = special_tokens[0]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos,
-                                   model_max_length=10**9)
+    roles = {"unk_token": UNK} if UNK in special_tokens and kind == "whitespace" else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos,
+                                   pad_token=PAD if PAD in special_tokens else eos, model_max_length=10**9, **roles)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

@@ -26,6 +26,7 @@ from .lora import check_lora_config
 from .loss import check_loss_config
 from .model import check_block_size, count_parameters
 from .optim import build_optimizer, lr_at
+from .tokenizer import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ def check_config(cfg) -> None:
         if not cfg.tokenizer.path:
             n_special = len(cfg.tokenizer.special_tokens)
             _require(n_special >= 1, "tokenizer.special_tokens=[] needs at least one token to serve as eos")
-            _require(cfg.tokenizer.vocab_size >= 256 + n_special,
+            _require(cfg.tokenizer.kind in KINDS,
+                     f"tokenizer.kind={cfg.tokenizer.kind}: choose {' or '.join(KINDS)}")
+            _require(cfg.tokenizer.kind != "byte_level" or cfg.tokenizer.vocab_size >= 256 + n_special,
                      f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is below the 256 byte symbols "
                      f"plus {n_special} special token(s)")
 
@@ -172,13 +175,13 @@ def check_disk(run_dir: Path, n_params: int) -> None:
 
 def check_run(cfg, model, train_blocks, valid_blocks, num_processes: int, run_dir: Path) -> None:
     """The model and data against each other and the config; before the optimizer exists."""
-    T, b = cfg.data.block_size, cfg.trainer.micro_batch_size
+    b = cfg.trainer.micro_batch_size
     _require(len(train_blocks) >= b,
-             f"the training set has {len(train_blocks)} blocks of data.block_size={T}, fewer than one "
+             f"the training set has {len(train_blocks)} {train_blocks.what}, fewer than one "
              f"micro batch (trainer.micro_batch_size={b})")
     need = b * num_processes
     _require(len(valid_blocks) >= need,
-             f"the validation set has {len(valid_blocks)} blocks of data.block_size={T}, fewer than one batch "
+             f"the validation set has {len(valid_blocks)} {valid_blocks.what}, fewer than one batch "
              f"(trainer.micro_batch_size={b} x {num_processes} process(es) = {need}); "
-             "give it more data or lower data.block_size")
+             f"give it more data or lower {'trainer.micro_batch_size' if cfg.data.pack == 'sample' else 'data.block_size'}")
     check_disk(run_dir, count_parameters(model, trainable_only=True))  # LoRA checkpoints hold only the adapters

@@ -57,7 +57,7 @@ def test_keep_last_and_best_on_disk(run):
 def test_a_checkpoint_holds_everything_to_continue(run):
     from accelerate.utils import load
     from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = run / "checkpoints" / "step_0000006"
     st = state(ckpt)
@@ -67,7 +67,12 @@ def test_a_checkpoint_holds_everything_to_continue(run):
     assert st["epoch"] > 0 and st["best"]["step"] < 6
     assert st["files"]["model.safetensors"] == (ckpt / "model.safetensors").stat().st_size
     assert OmegaConf.load(ckpt / "config.yaml").optim.lr == 0.1  # the resolved config
-    assert len(AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))) == 384
+    # Loads as it is, as the notebooks reload checkpoint-5000: the trained weights (the last
+    # checkpoint's are the final export's), with the config and tokenizer beside them.
+    assert len(AutoTokenizer.from_pretrained(str(ckpt))) == 384
+    loaded = AutoModelForCausalLM.from_pretrained(str(ckpt)).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final")).state_dict()
+    assert loaded.keys() == final.keys() and all(torch.equal(loaded[k], final[k]) for k in final)
     optim = torch.load(ckpt / "optimizer.bin", weights_only=True)
     assert optim["state"] and all(int(s["step"]) == 6 for s in optim["state"].values())
     rng = load(ckpt / "random_states_0.pkl")  # weights_only=True

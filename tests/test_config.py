@@ -10,8 +10,8 @@ def test_defaults_compose():
     assert cfg.trainer.mixed_precision is None  # resolved to "no" on CPU
 
 
-def test_gpt2_124m_preset():
-    cfg = compose(["model=gpt2_124m"])
+def test_gpt2_12x768_preset():
+    cfg = compose(["model=gpt2_12x768"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (12, 12, 768)
 
 

@@ -114,11 +114,15 @@ def code_rows(n, seed):
 
 
 def cache_codeparrot(hub):
-    """The seed's two dataset repos, each with one `train` split of json lines."""
+    """The seed's two dataset repos (json lines; the valid repo's split is `validation`), and its
+    code tokenizer, stood in for by GPT-2's, whose vocabulary has the key tokens as single tokens too."""
     train = cache_repo(hub, "huggingface-course/codeparrot-ds-train",
                        {"data/train-00000-of-00001.jsonl": code_rows(40, 0)}, "dataset")
     valid = cache_repo(hub, "huggingface-course/codeparrot-ds-valid",
-                       {"data/train-00000-of-00001.jsonl": code_rows(12, 3)}, "dataset")
+                       {"data/validation-00000-of-00001.jsonl": code_rows(12, 3)}, "dataset")
+    cache_repo(hub, "huggingface-course/code-search-net-tokenizer",
+               {p.name: p.read_bytes() for p in sorted(TINY_GPT2.iterdir()) if p.name.startswith(("tok", "vocab",
+                                                                                                 "merges", "special"))})
     return train, valid
 
 

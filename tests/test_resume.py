@@ -206,3 +206,11 @@ def test_two_processes_stop_and_resume_is_exact(tmp_path, base):
     _launch_2proc(ROOT / "train.py", [f"run_dir={run_dir}", *two, "resume=auto"])
     assert latest_state(run_dir)["world_size"] == 2
     assert_same_run(run_dir, ref)
+
+    # A checkpoint written under DDP stores the model's own names (not DDP's "module."), so
+    # from_pretrained loads the trained weights, not a random model with a warning.
+    from transformers import AutoModelForCausalLM
+    last = max((ref / "checkpoints").glob("step_*"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(last)).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(str(ref / "final")).state_dict()
+    assert loaded.keys() == final.keys() and all(torch.equal(loaded[k], final[k]) for k in final)

@@ -22,7 +22,7 @@ HTML_PAGE = SHARED / "tolstoy" / "html" / "voyna_i_mir_pervyi_variant_text_0073.
 @functools.lru_cache(maxsize=1)
 def _defaults():
     data = OmegaConf.to_container(compose().data)
-    return {k: data[k] for k in SOURCE_KEYS}
+    return {**{k: data[k] for k in SOURCE_KEYS}, "split_seed": data["split_seed"]}  # as make_sources
 
 
 def settings(**kw):

@@ -77,7 +77,7 @@ def test_fine_tune_mode_checks_the_pretrained_model(tmp_path):
 
 
 def test_good_configs_pass():
-    for overrides in ([], ["debug=smoke"], ["model=gpt2_124m"], ["loss=keytoken", "loss.keywords=[def]"],
+    for overrides in ([], ["debug=smoke"], ["model=gpt2_12x768"], ["loss=keytoken", "loss.keywords=[def]"],
                       ["scheduler=linear", "trainer.spike_zscore=4"]):
         check_config(compose(overrides))
 
@@ -143,7 +143,7 @@ def test_read_only_output_dir_is_not_writable(tmp_path):
 
 # The model and the data against each other: check_run on small real objects.
 class _Blocks(list):
-    pass
+    what = "blocks of data.block_size=64"  # as TokenBlocks names them
 
 
 class _Tokenizer:

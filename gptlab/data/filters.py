@@ -1,17 +1,24 @@
 """Filter documents, then split them into train and validation by document.
 
-The fraction split ranks documents by a hash of (split_seed, key) and sends the
-round(valid_fraction * n) lowest to validation, so whole documents go to one split
+split_method=hash (the default) ranks documents by a hash of (split_seed, key) and sends
+the round(valid_fraction * n) lowest to validation, so whole documents go to one split
 and the choice depends only on the keys, never on the order or on memory. One counting
 pass finds the hash threshold; later passes stream and compare against it.
+split_method=sklearn draws the same documents as the notebooks' scikit-learn
+`train_test_split(texts, test_size=valid_fraction, random_state=split_seed)` over the kept
+documents in order (a RandomState(split_seed) permutation; the first ceil(fraction * n) are
+validation), kept as a bit mask beside the plan.
 """
 import hashlib
 import logging
+import math
+from pathlib import Path
 from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .cache import read_meta
 from .sources import DataError, Source
 
 log = logging.getLogger(__name__)
@@ -46,8 +53,14 @@ def _filters(source: Source) -> str:
     return f"min_chars={s.min_chars}" + (f", keywords={list(s.keywords)}" if s.keywords else "")
 
 
-def plan_split(sources: Sequence[Source], valid_fraction: float, seed: int, show_progress: bool = True) -> dict:
-    """Count and filter every document once; return the split (a hash threshold) and stats."""
+SPLIT_METHODS = ("hash", "sklearn")
+MASK = "valid_mask.bin"  # split_method=sklearn: one bit per kept document, set for validation
+
+
+def plan_split(sources: Sequence[Source], valid_fraction: float, seed: int, show_progress: bool = True,
+               method: str = "hash", out_dir: Path = None) -> dict:
+    """Count and filter every document once; return the split (a hash threshold, or a mask
+    written to out_dir) and stats."""
     explicit = any(src.has_valid for src in sources)
     parts = ("train", "valid") if explicit else ("train",)
     hashes, stats = [], {p: {"documents": 0, "kept": 0, "chars": 0} for p in parts}
@@ -88,6 +101,13 @@ def plan_split(sources: Sequence[Source], valid_fraction: float, seed: int, show
     if n < 2:
         raise DataError(f"the corpus has {n} document after filtering, too few to split by data.valid_fraction; "
                         f"give data.valid_files, or cut big files into documents with data.text_unit=paragraph or line")
+    if method == "sklearn":
+        k = math.ceil(valid_fraction * n)  # scikit-learn's n_test
+        mask = np.zeros(n, dtype=bool)
+        mask[np.random.RandomState(seed).permutation(n)[:k]] = True
+        np.packbits(mask).tofile(Path(out_dir) / MASK)
+        plan.update(method=method, n_valid=k)
+        return plan
     k = min(n - 1, max(1, round(valid_fraction * n)))
     # the k-th smallest hash; 64-bit hashes of distinct keys do not tie in practice
     plan["threshold"] = int(np.partition(np.array(hashes, dtype=np.uint64), k - 1)[k - 1])
@@ -95,11 +115,27 @@ def plan_split(sources: Sequence[Source], valid_fraction: float, seed: int, show
     return plan
 
 
+def read_plan(split_dir: Path) -> dict:
+    """The split's meta.json, with the validation mask of split_method=sklearn loaded."""
+    plan = read_meta(split_dir)
+    if plan.get("method") == "sklearn":
+        n = plan["train"]["kept"]
+        plan["mask"] = np.unpackbits(np.fromfile(Path(split_dir) / MASK, dtype=np.uint8), count=n).astype(bool)
+    return plan
+
+
 def labelled_documents(sources: Sequence[Source], plan: dict, seed: int) -> Iterator[Tuple[bool, str]]:
     """(is_valid, text) for every kept document, in source order."""
+    i = 0
     for src in sources:
         for key, text in kept_documents(src, "train"):
-            yield (not plan["explicit_valid"] and doc_hash(seed, key) <= plan["threshold"]), text
+            if plan["explicit_valid"]:
+                yield False, text
+            elif "mask" in plan:
+                yield bool(plan["mask"][i]), text
+            else:
+                yield doc_hash(seed, key) <= plan["threshold"], text
+            i += 1
         if plan["explicit_valid"] and src.has_valid:
             for _, text in kept_documents(src, "valid"):
                 yield True, text

@@ -23,7 +23,7 @@ from ..hub import is_hub_id, resolve
 from ..tokenizer import load_tokenizer, sample_evenly, tokenizer_hash, tokenizer_path, train_bpe
 from .blocks import TokenBlocks, TokenSamples
 from .cache import build_once, fingerprint, read_meta
-from .filters import labelled_documents, plan_split
+from .filters import SPLIT_METHODS, labelled_documents, plan_split, read_plan
 from .librus import LibrusSource
 from .pack import write_token_streams
 from .sources import (DataError, HfSource, JsonlSource, PythonSource, Source, SqliteSource,
@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 SOURCES = {cls.name: cls for cls in (PythonSource, TextSource, JsonlSource, SqliteSource, HfSource, LibrusSource)}
 # Keys a list entry of data.source may override for itself.
 SOURCE_KEYS = ("files", "valid_files", "encoding", "text_unit", "text_field", "db", "query", "valid_query",
-               "builder", "streaming", "config_name", "revision", "split", "valid_builder", "valid_revision",
-               "valid_split", "paths", "max_bytes", "urls", "download_dir", "download_timeout_s",
-               "download_retries", "download_max_bytes", "keywords", "min_chars")
+               "builder", "streaming", "select", "valid_select", "config_name", "revision", "split",
+               "valid_builder", "valid_revision", "valid_split", "paths", "max_bytes", "urls", "download_dir",
+               "download_timeout_s", "download_retries", "download_max_bytes", "keywords", "min_chars")
 PACKS = ("concat", "chunk", "sample")
 TEXT_UNITS = ("file", "paragraph", "line")
 CACHE_VERSION = 2  # bump when the on-disk layout or the packing changes
@@ -81,11 +81,14 @@ def make_sources(dc, cache_root: Path) -> List[Source]:
             raise DataError(f"data.source: {name!r} is not a source; choose from {', '.join(SOURCES)}")
         if settings["text_unit"] not in TEXT_UNITS:
             raise DataError(f"data.text_unit={settings['text_unit']!r}: choose one of {', '.join(TEXT_UNITS)}")
+        settings["split_seed"] = data["split_seed"]  # one for the whole corpus (hf's select shuffles with it)
         sources.append(SOURCES[name](SimpleNamespace(**settings), cache_root))
     return sources
 
 
 def _check(dc, sources) -> None:
+    if dc.split_method not in SPLIT_METHODS:
+        raise DataError(f"data.split_method={dc.split_method!r}: choose {' or '.join(SPLIT_METHODS)}")
     if dc.pack not in PACKS:
         raise DataError(f"data.pack={dc.pack!r}: choose {', '.join(PACKS)}")
     if dc.block_size < 2:
@@ -103,7 +106,7 @@ def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path,
             revision = tc.revision if tc.path else cfg.model.revision
             path = resolve(path, revision, key="tokenizer.path", weights=False).path
         return load_tokenizer(path), tokenizer_hash(path)
-    plan = read_meta(split_dir)
+    plan = read_plan(split_dir)
     # chars of the kept documents, valid ones included: an upper estimate of the train
     # split's size, close to its bytes for mostly-ASCII text.
     corpus_chars = plan["train"]["chars"]
@@ -111,6 +114,7 @@ def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path,
     sampled = cap is not None and corpus_chars > cap
     key = fingerprint({"corpus": corpus_key, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
                        "special_tokens": list(tc.special_tokens),
+                       **({"kind": tc.kind} if tc.kind != "byte_level" else {}),
                        # only a cap that cuts changes the tokenizer, so only then does it key it
                        **({"max_train_bytes": cap} if sampled else {})})
 
@@ -128,9 +132,10 @@ def _tokenizer(cfg, sources, split_dir: Path, corpus_key: str, cache_root: Path,
         if sampled:
             log.info("tokenizer.max_train_bytes=%d: the BPE reads an even sample of the ~%d-character train split",
                      cap, corpus_chars)
-        log.info("training a %d-token byte-level BPE on the train split (%d documents)", tc.vocab_size, n_train)
+        log.info("training a %d-token %s BPE on the train split (%d documents)", tc.vocab_size,
+                 tc.kind.replace("_", "-"), n_train)
         tok = train_bpe(counted(sample_evenly(texts, corpus_chars, cap)), tc.vocab_size, tc.min_frequency,
-                        list(tc.special_tokens), length=n_train)
+                        list(tc.special_tokens), length=n_train, kind=tc.kind)
         log.info("the BPE was trained on %d documents, %.1f MB", seen["documents"], seen["bytes"] / 1e6)
         tok.save_pretrained(str(tmp))
         return {"vocab_size": len(tok), "documents": n_train, "sample_documents": seen["documents"],
@@ -147,10 +152,12 @@ def prepare(cfg, cache_root: Path, is_builder: bool = True, show_progress: bool 
     _check(dc, sources)
     corpus = {"sources": [s.fingerprint() for s in sources],
               "filters": [(list(s.s.keywords), s.s.min_chars) for s in sources],
-              "split": (dc.valid_fraction, dc.split_seed), "version": CACHE_VERSION}
+              "split": (dc.valid_fraction, dc.split_seed, *([dc.split_method] if dc.split_method != "hash" else [])),
+              "version": CACHE_VERSION}
     corpus_key = fingerprint(corpus)
     split_dir = build_once(cache_root / "splits" / corpus_key,
-                           lambda tmp: plan_split(sources, dc.valid_fraction, dc.split_seed, show_progress),
+                           lambda tmp: plan_split(sources, dc.valid_fraction, dc.split_seed, show_progress,
+                                                  dc.split_method, tmp),
                            is_builder)
     tokenizer, tok_hash = _tokenizer(cfg, sources, split_dir, corpus_key, cache_root, is_builder)
 
@@ -159,11 +166,11 @@ def prepare(cfg, cache_root: Path, is_builder: bool = True, show_progress: bool 
                        "pack": dc.pack, "block_size": None if dc.pack == "concat" else T})
 
     def build(tmp: Path) -> dict:
-        plan = read_meta(split_dir)
+        plan = read_plan(split_dir)
         chars = plan["train"]["chars"] + plan.get("valid", {}).get("chars", 0)
         info = write_token_streams(labelled_documents(sources, plan, dc.split_seed), tokenizer, tmp, dc.pack, T,
                                    total_chars=chars, show_progress=show_progress)
-        return {**info, "pack": dc.pack, "tokenizer_hash": tok_hash, "split": plan}
+        return {**info, "pack": dc.pack, "tokenizer_hash": tok_hash, "split": read_meta(split_dir)}
 
     cache = build_once(cache_root / "tokens" / key, build, is_builder)
     info = read_meta(cache)

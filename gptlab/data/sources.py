@@ -224,16 +224,22 @@ class JsonlSource(FileSource):
 
 class HfSource(FileSource):
     """`datasets.load_dataset(builder, data_files=...)`, `load_from_disk` for builder=disk, or a
-    dataset repo: a Hub id (through the HF cache, see hub.py) or a local directory laid out like one."""
+    dataset repo: a Hub id (through the HF cache, see hub.py) or a local directory laid out like one.
+
+    streaming=true reads rows as they are used: a local directory file by file, a Hub id over
+    the network at its pinned commit, with nothing downloaded or converted to Arrow first, so
+    a keyword filter keeps a small part of a big repository (seed 002) in little memory.
+    select=N keeps N rows, as seed 002's `shuffle(seed).select(range(N))`.
+    """
     name = "hf"
-    KEYS = ("builder", "text_field", "streaming")
+    KEYS = ("builder", "text_field", "streaming", "select", "valid_select", "split_seed")
     BUILDERS = ("json", "csv", "parquet", "arrow", "text", "disk")
 
     def __init__(self, settings, cache_root):
         if settings.builder not in self.BUILDERS:
             self.repos = self._repos(settings)
             Source.__init__(self, settings, cache_root)
-            self.parts = {p: [r[0].path] if r else [] for p, r in self.repos.items()}
+            self.parts = {p: [r[0].path or r[0].repo_id] if r else [] for p, r in self.repos.items()}
         elif settings.builder == "disk":  # files are save_to_disk directories: stat what is inside
             for key in ("files", "valid_files"):
                 for d in getattr(settings, key):
@@ -260,11 +266,11 @@ class HfSource(FileSource):
         if not (Path(s.builder).expanduser().is_dir() or HUB_ID.match(s.builder)):
             raise DataError(f"data.builder={s.builder!r}: choose one of {', '.join(HfSource.BUILDERS)}, "
                             f"a Hub dataset id (org/name) or a local dataset directory")
-        train = resolve(s.builder, s.revision, key="data.builder", repo_type="dataset")
+        train = resolve(s.builder, s.revision, key="data.builder", repo_type="dataset", download=not s.streaming)
         valid = None
         if s.valid_builder:
-            valid = (resolve(s.valid_builder, s.valid_revision, key="data.valid_builder", repo_type="dataset"),
-                     s.valid_split or s.split)
+            valid = (resolve(s.valid_builder, s.valid_revision, key="data.valid_builder", repo_type="dataset",
+                             download=not s.streaming), s.valid_split or s.split)
         elif s.valid_split:
             valid = (train, s.valid_split)
         return {"train": (train, s.split), "valid": valid}
@@ -286,7 +292,9 @@ class HfSource(FileSource):
         try:
             if self.s.builder not in self.BUILDERS:
                 snapshot, split = self.repos[part]
-                return datasets.load_dataset(str(snapshot.path), self.s.config_name, split=split,
+                where = {"path": snapshot.repo_id, "revision": snapshot.commit} if snapshot.path is None else {
+                    "path": str(snapshot.path)}
+                return datasets.load_dataset(**where, name=self.s.config_name, split=split,
                                              streaming=self.s.streaming,
                                              cache_dir=str(self.cache_root / "hf_datasets"))
             if self.s.builder == "disk":
@@ -302,8 +310,16 @@ class HfSource(FileSource):
             raise DataError(f"data.builder={self.s.builder} could not load {files}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
+    def _selected(self, ds, part: str):
+        n = self.s.select if part == "train" else self.s.valid_select
+        if n is None:
+            return ds
+        if self.s.streaming:  # an approximate shuffle through a buffer, as datasets streams it
+            return ds.shuffle(seed=self.s.split_seed, buffer_size=10_000).take(n)
+        return ds.shuffle(seed=self.s.split_seed).select(range(min(n, len(ds))))
+
     def documents(self, part: str = "train") -> Iterator[Doc]:
-        ds, col = self._load(part), self.s.text_field
+        ds, col = self._selected(self._load(part), part), self.s.text_field
         names = ds.column_names
         if names is not None and col not in names:
             raise DataError(f"data.text_field={col!r} is not a column of {self.parts[part][0]} "
@@ -326,15 +342,17 @@ def _repo_identity(snapshot):
 
 
 class SqliteSource(Source):
+    """Rows of a query: the text is its only column, or the column named data.text_field."""
     name = "sqlite"
-    KEYS = ("query", "valid_query", "encoding")
+    KEYS = ("query", "valid_query", "encoding", "text_field")
 
     def __init__(self, settings, cache_root):
         super().__init__(settings, cache_root)
         if not settings.db:
             raise DataError("data.db is not set: the sqlite source needs a database file")
         if not settings.query:
-            raise DataError("data.query is not set: the sqlite source needs a query whose first column is the text")
+            raise DataError("data.query is not set: the sqlite source needs a query (its text column: its only "
+                            "one, or data.text_field)")
         self.db = Path(settings.db).expanduser().resolve()
         if not self.db.is_file():
             raise MissingFileError(f"data.db: file {settings.db} does not exist")
@@ -349,15 +367,25 @@ class SqliteSource(Source):
     def documents(self, part: str = "train") -> Iterator[Doc]:
         query = self.s.query if part == "train" else self.s.valid_query
         setting = "data.query" if part == "train" else "data.valid_query"
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        # The BPE trainer pulls documents from its own threads, one at a time: the connection
+        # may be used from another thread than the one that opened it, never from two at once.
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, check_same_thread=False)
         try:
             try:
                 cur = con.execute(query)
             except sqlite3.Error as e:
                 tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
                 raise DataError(f"{setting} on {self.db}: {e} (tables: {', '.join(tables) or 'none'})") from None
+            columns = [d[0] for d in cur.description]
+            if len(columns) == 1:
+                col = 0
+            elif self.s.text_field in columns:
+                col = columns.index(self.s.text_field)
+            else:
+                raise DataError(f"{setting} returns the columns {', '.join(columns)}: set data.text_field to the "
+                                f"text's (not {self.s.text_field!r}), or select that one column")
             for i, row in enumerate(cur):
-                text = row[0]
+                text = row[col]
                 if isinstance(text, bytes):
                     text = text.decode(self.s.encoding, errors="strict")
                 yield f"{part}/row{i}", "" if text is None else str(text)

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from .data.blocks import IGNORE_INDEX, eval_batches
-from .loss import _token_ce
+from .model import token_losses
 
 
 @torch.no_grad()
@@ -33,7 +33,8 @@ def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
     batches = eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index)
     for ids in batches:
         x = blocks.batch(ids).to(accelerator.device, non_blocking=True)
-        ce = _token_ce(model(input_ids=x.clamp_min(0)).logits, x).double()  # (B, T-1), 0 at padding
+        with accelerator.autocast():  # as in training: the same precision, and the LM head chunked
+            ce = token_losses(model, x).double()  # (B, T-1), 0 at padding
         n = (x[:, 1:] != IGNORE_INDEX).sum(dim=1)
         total[0] += ce.sum()
         total[1] += n.sum()
@@ -44,8 +45,7 @@ def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
         # batches joins the others' last ones with uncounted forwards.
         most = len(eval_batches(len(blocks), batch_size, accelerator.num_processes, 0))
         for _ in range(most - len(batches)):
-            x = blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0])
-            model(input_ids=x.clamp_min(0).to(accelerator.device))
+            token_losses(model, blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0]).to(accelerator.device))
         model.reshard()  # a forward without a backward leaves the root's weights gathered
     total = accelerator.reduce(total, reduction="sum").tolist()
     model.train(was_training)

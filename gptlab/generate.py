@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,7 +60,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int 
         out = model.generate(**enc, **length, pad_token_id=pad, synced_gpus=_sharded(model),
                              **({"do_sample": True, "top_k": 50} | sampling))
     model.train(was_training)
-    return tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    # The prompt as given, then the continuation (as HF's text-generation pipeline does): a
+    # tokenizer that does not decode back to its input (seeds 000/001's whitespace BPE joins
+    # tokens with spaces) still shows the prompt the user wrote.
+    decode = partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    shown = len(decode(enc["input_ids"][0]))
+    return [prompt + decode(seq)[shown:] for seq in out]
 
 
 def log_samples(model, tokenizer, prompts, step: int, tracker, max_new_tokens: int, seed: int, gen_cfg) -> list:

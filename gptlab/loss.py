@@ -193,6 +193,27 @@ class _FusedLinearCE(torch.autograd.Function):
         return (grad_h * grad_out).to(ctx.dtypes[0]), dw, None, None, None
 
 
+def _chunk_rows(V: int, device: torch.device) -> int:
+    # About 4M logits per chunk: 16 MB of fp32 stays in a CPU's last-level cache; a GPU
+    # wants large matmuls, and 2^27 logits (under 1 GB with the fp32 softmax) is still
+    # far below the full (B, T, V) tensor of GPT-2 124M.
+    return max(1, (2 ** 27 if device.type == "cuda" else 2 ** 22) // V)
+
+
+@torch.no_grad()
+def chunked_token_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) token cross-entropies from the final hidden states (B, T, C) and the LM head (V, C),
+    a chunk of rows at a time, so the (B, T, V) logits never exist (evaluation); 0 at padding."""
+    B, T, C = hidden.shape
+    h, y = hidden[:, :-1].reshape(-1, C), labels[:, 1:].reshape(-1)
+    out = torch.empty(len(y), dtype=torch.float32, device=hidden.device)
+    n = _chunk_rows(weight.shape[0], hidden.device)
+    for s in range(0, len(y), n):
+        out[s:s + n] = F.cross_entropy((h[s:s + n] @ weight.t()).float(), y[s:s + n], reduction="none",
+                                       ignore_index=IGNORE_INDEX)
+    return out.view(B, T - 1)
+
+
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       token_weights: torch.Tensor) -> torch.Tensor:
     """Σ w·CE of the shifted sequence from the final hidden states (B, T, C) and the LM head weight (V, C).
@@ -201,10 +222,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     padding label has weight 0 and is read as token 0.
     """
     C, V = hidden.shape[-1], weight.shape[0]
-    # About 4M logits per chunk: 16 MB of fp32 stays in a CPU's last-level cache; a GPU
-    # wants large matmuls, and 2^27 logits (under 1 GB with the fp32 softmax) is still
-    # far below the full (B, T, V) tensor of GPT-2 124M.
-    chunk_rows = max(1, (2 ** 27 if hidden.device.type == "cuda" else 2 ** 22) // V)
+    chunk_rows = _chunk_rows(V, hidden.device)
     return _FusedLinearCE.apply(hidden[:, :-1].reshape(-1, C), weight, labels[:, 1:].clamp_min(0).reshape(-1),
                                 token_weights.reshape(-1), chunk_rows)
 

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from .hub import is_commit, is_hub_id, resolve
 from .errors import CheckpointError, ConfigError, MissingPathError
 from .lora import base_of
-from .loss import fused_linear_loss
+from .loss import _token_ce, chunked_token_ce, fused_linear_loss
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,20 @@ def _when_training(block: nn.Module, compiled, eager):
     return forward
 
 
+def _lm_head(model):
+    """The GPT-2 inside a prepared model (DDP, compiled, peft), whose LM head the loss fuses; else None."""
+    inner = base_of(extract_model_from_parallel(model, keep_torch_compile=False))
+    return inner if isinstance(inner, GPT2LMHeadModel) else None
+
+
+def _final_hidden(model, inputs: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) after the final layer norm, through the wrapped model (so DDP and autocast see
+    the call), with no logits and no KV cache."""
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs.device)
+    out = model(input_ids=inputs, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
 def forward_loss(model, labels: torch.Tensor, loss_fn, z=None) -> torch.Tensor:
     """The training loss Σ w·CE of `model` (as prepared: DDP, compiled, autocast) on a (B, T) batch.
 
@@ -219,15 +233,21 @@ def forward_loss(model, labels: torch.Tensor, loss_fn, z=None) -> torch.Tensor:
     causal attention hides it from every real one.
     For GPT-2 the model stops at the final hidden states and the LM head is fused into
     the loss (see loss.fused_linear_loss); any other model computes its logits.
-    The call still goes through the wrapped model, so DDP and autocast see it; no KV
-    cache is built, as HF models otherwise do in training too. Under LoRA the peft wrapper
-    passes the call through to the GPT-2 inside, whose (frozen) head the fused loss reads.
+    Under LoRA the peft wrapper passes the call through to the GPT-2 inside, whose (frozen)
+    head the fused loss reads.
     """
-    inputs = labels.clamp_min(0)
-    inner = base_of(extract_model_from_parallel(model, keep_torch_compile=False))
-    if not isinstance(inner, GPT2LMHeadModel):
+    inputs, gpt2 = labels.clamp_min(0), _lm_head(model)
+    if gpt2 is None:
         return loss_fn(model(input_ids=inputs, use_cache=False).logits, labels, z)
-    no_logits = torch.empty(0, dtype=torch.long, device=labels.device)
-    out = model(input_ids=inputs, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
-    hidden = out.hidden_states[-1]  # (B, T, C), after the final layer norm
-    return fused_linear_loss(hidden, inner.lm_head.weight, labels, loss_fn.token_weights(labels, z))
+    return fused_linear_loss(_final_hidden(model, inputs), gpt2.lm_head.weight, labels,
+                             loss_fn.token_weights(labels, z))
+
+
+@torch.no_grad()
+def token_losses(model, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) next-token cross-entropies, 0 at padding (evaluation). GPT-2's come from the LM
+    head a chunk of rows at a time, so the (B, T, V) logits never exist; any other model's from its logits."""
+    inputs, gpt2 = labels.clamp_min(0), _lm_head(model)
+    if gpt2 is None:
+        return _token_ce(model(input_ids=inputs, use_cache=False).logits, labels)
+    return chunked_token_ce(_final_hidden(model, inputs), gpt2.lm_head.weight, labels)

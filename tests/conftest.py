@@ -1,3 +1,4 @@
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -127,3 +128,37 @@ def trained_run(tmp_path_factory, cache_dir, tiny_corpus):
                            "trainer.eval_every=20", "trainer.log_every=5", "optim.lr=3e-3",
                            "scheduler.warmup_steps=5", "trainer.sample_prompts=[\"def \",\"import \"]"])
     return run_dir, result
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache in a temporary HF_HOME; cache_repo fills it, in the layout
+    that `snapshot_download` and `from_pretrained` read offline."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return home / "hub"
+
+
+def cache_repo(hub, repo_id, files: dict, repo_type="model", commit=None) -> str:
+    """Put {path in repo: bytes} into the hub cache as one snapshot; return its commit hash."""
+    folder = hub / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = commit or hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = folder / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    return commit
+
+
+def cache_tiny_gpt2(hub, repo_id, tokenizer_only=False) -> str:
+    """The shared tiny random GPT-2 (or only its GPT-2 tokenizer files) in the hub cache as `repo_id`."""
+    files = sorted((SHARED / "models" / "tiny-random-gpt2").iterdir())
+    if tokenizer_only:
+        files = [p for p in files if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))]
+    return cache_repo(hub, repo_id, {p.name: p.read_bytes() for p in files})

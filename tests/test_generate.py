@@ -68,6 +68,10 @@ def test_sampling_options(trained_run):
     assert len(beams) == 2 and beams[0] != beams[1]
     assert gen(seed=9, do_sample=False, num_beams=2, num_return_sequences=2) == beams
     assert gen(seed=1, do_sample=False, repetition_penalty=5.0) != greedy
+    # max_length counts the prompt (seeds 003/004) and replaces max_new_tokens
+    prompt_tokens = len(t.tokenizer("import ", add_special_tokens=False)["input_ids"])
+    short = generate(t.model, t.tokenizer, "import ", 7, do_sample=False)
+    assert gen(do_sample=False, max_length=prompt_tokens + 7) == short != greedy
 
 
 def test_cli_defaults_come_from_the_run_and_prompts_file(trained_run, tmp_path, capsys):

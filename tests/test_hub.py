@@ -4,45 +4,18 @@ Each test builds a Hugging Face hub cache in a temporary HF_HOME, in the layout 
 `snapshot_download` and `from_pretrained` read offline: `models--org--name/blobs/<sha256>`,
 `snapshots/<commit>/<file>` as links to the blobs, and `refs/main` naming the commit.
 """
-import hashlib
 import json
-import os
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import SHARED, compose, read_metrics, requires_shared, run_training, series
+from gptlab.hub import HubError
+
+from conftest import (SHARED, cache_repo, cache_tiny_gpt2, compose, read_metrics, requires_shared, run_training,
+                      series)
 
 TINY_GPT2 = SHARED / "models" / "tiny-random-gpt2"
 RUGPT = "ai-forever/rugpt3small_based_on_gpt2"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    return home / "hub"
-
-
-def cache_repo(hub, repo_id, files: dict, repo_type="model", commit=None) -> str:
-    """Put {path in repo: bytes} into the hub cache as one snapshot; return its commit hash."""
-    folder = hub / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    commit = commit or hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
-    for name, data in files.items():
-        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = folder / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(commit)
-    return commit
-
-
-def cache_tiny_gpt2(hub, repo_id) -> str:
-    return cache_repo(hub, repo_id, {p.name: p.read_bytes() for p in sorted(TINY_GPT2.iterdir())})
 
 
 def smoke(run_dir, cache, *extra):
@@ -120,9 +93,7 @@ def cache_codeparrot(hub):
                        {"data/train-00000-of-00001.jsonl": code_rows(40, 0)}, "dataset")
     valid = cache_repo(hub, "huggingface-course/codeparrot-ds-valid",
                        {"data/validation-00000-of-00001.jsonl": code_rows(12, 3)}, "dataset")
-    cache_repo(hub, "huggingface-course/code-search-net-tokenizer",
-               {p.name: p.read_bytes() for p in sorted(TINY_GPT2.iterdir()) if p.name.startswith(("tok", "vocab",
-                                                                                                 "merges", "special"))})
+    cache_tiny_gpt2(hub, "huggingface-course/code-search-net-tokenizer", tokenizer_only=True)
     return train, valid
 
 
@@ -245,3 +216,23 @@ def test_two_processes_resolve_an_id_once_and_fail_together_without_it(tmp_path,
     proc.wait(timeout=240)
     assert proc.returncode != 0
     assert "error: model.pretrained_path=org/absent: the Hugging Face Hub is not reachable" in output(proc)
+
+
+@requires_shared
+def test_generate_and_evaluate_a_hub_id_from_the_cache(tmp_path, hub, capsys, tiny_corpus):
+    """The notebooks sample from a Hub model before fine-tuning it: both CLIs take an id, offline from
+    the HF cache, and give what the same files give from a local directory."""
+    from gptlab.evaluate import main as evaluate
+    from gptlab.generate import main as generate
+
+    commit = cache_tiny_gpt2(hub, RUGPT)
+    args = ["--prompt", "Мне нравится", "--max_new_tokens", "5", "--seed", "1"]
+    by_id, by_dir = generate([RUGPT, *args]), generate([str(TINY_GPT2), *args])
+    assert by_id == by_dir and by_id[0]["samples"][0].startswith("Мне нравится")
+    assert generate([RUGPT, "--revision", commit, *args]) == by_id
+    data = ["data=text", "data.text_unit=file", f"data.files=[{tiny_corpus / 'bisect.py'}]",
+            f"data.valid_files=[{tiny_corpus / 'colorsys.py'}]", "data.block_size=64", f"cache_dir={tmp_path / 'c'}"]
+    scored = evaluate([RUGPT, *data])
+    assert scored["tokens"] > 0 and scored["loss"] == evaluate([str(TINY_GPT2), *data])["loss"]
+    with pytest.raises(HubError, match="org/missing: the Hugging Face Hub is not reachable"):
+        generate(["org/missing", *args])

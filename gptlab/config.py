@@ -208,6 +208,9 @@ class TrainerConfig:
     # Generated at every evaluation, logged to TensorBoard (text) and metrics.jsonl.
     sample_prompts: List[str] = field(default_factory=lambda: ["import numpy as np\n"])
     sample_max_new_tokens: int = 48
+    # A fresh order of the training blocks (samples) every epoch, from the seed; false reads them in
+    # order, as a DataLoader without shuffle (seed 003).
+    shuffle: bool = True
     # Checkpoint every save_every optimizer steps (0: only at the end and on SIGTERM/SIGINT);
     # a multiple of log_every. keep_last prunes older step_* checkpoints (null keeps all).
     save_every: int = 100

@@ -126,7 +126,7 @@ def _run(cfg) -> dict:
     model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
     order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
-                       accelerator.process_index, cfg.seed)
+                       accelerator.process_index, cfg.seed, tc.shuffle)
     max_steps = resolve_max_steps(tc, order)
     check_warmup(cfg.scheduler.warmup_steps, max_steps)
     global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes

@@ -65,6 +65,13 @@ def test_epochs_are_fresh_permutations():
     epoch1 = np.concatenate([order.micro_batches(s)[0] for s in range(3, 6)])
     assert sorted(epoch0) == list(range(12)) == sorted(epoch1)
     assert epoch0.tolist() != epoch1.tolist()
+    # shuffle=false: the file's order every epoch, and the step's batches across processes too
+    order = TrainOrder(12, micro_batch_size=2, grad_accum=2, world_size=1, rank=0, seed=0, shuffle=False)
+    assert [b.tolist() for s in range(4) for b in order.micro_batches(s)][:7] == [[0, 1], [2, 3], [4, 5], [6, 7],
+                                                                                  [8, 9], [10, 11], [0, 1]]
+    two = [TrainOrder(12, 2, 1, world_size=2, rank=r, seed=0, shuffle=False) for r in range(2)]
+    assert [b.tolist() for b in two[1].step_batches(1)] == [[4, 5], [6, 7]]
+    assert two[1].micro_batches(1)[0].tolist() == [6, 7]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

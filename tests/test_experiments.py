@@ -68,6 +68,7 @@ NOTEBOOK = {
         "model.pretrained_path": "sberbank-ai/rugpt3small_based_on_gpt2", "data.source": "jsonl",
         "data.text_field": "input", "data.files": ["a.jsonl"], "data.valid_files": ["b.jsonl"],
         "data.pack": "sample", "trainer.micro_batch_size": 1,  # DataLoader(batch_size=1), one padded row each
+        "trainer.shuffle": False,
         "optim.name": "adam", "optim.lr": 1e-5, "optim.weight_decay": 0.0, "scheduler.name": "constant",
         "scheduler.warmup_steps": 0, "trainer.epochs": 32, "trainer.max_steps": None,
         "trainer.max_grad_norm": 0.0, "trainer.mixed_precision": "no",

@@ -107,9 +107,9 @@ class TokenSamples:
 
 class TrainOrder:
     def __init__(self, n_blocks: int, micro_batch_size: int, grad_accum: int,
-                 world_size: int, rank: int, seed: int):
+                 world_size: int, rank: int, seed: int, shuffle: bool = True):
         self.n_blocks, self.b, self.a = n_blocks, micro_batch_size, grad_accum
-        self.w, self.rank, self.seed = world_size, rank, seed
+        self.w, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
         self.micro_per_epoch = n_blocks // micro_batch_size
         if self.micro_per_epoch < 1:
             raise ValueError(f"the training set has {n_blocks} blocks, fewer than one micro batch "
@@ -123,7 +123,8 @@ class TrainOrder:
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            self._perms[epoch] = (np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+                                  if self.shuffle else np.arange(self.n_blocks))
         return self._perms[epoch]
 
     def _micro_batch(self, g: int) -> np.ndarray:

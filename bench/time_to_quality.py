@@ -24,6 +24,7 @@ medians. Arms run in fresh processes, interleaved, every other round reversed.
     python bench/time_to_quality.py --tiny --steps 4 --eval-every 2  # the CI-sized run
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -112,7 +113,7 @@ def held_out_loss(model, data, batch_size: int) -> float:
     from gptlab.evaluate import evaluate
 
     one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0,
-                                  reduce=lambda t, reduction: t)
+                                  reduce=lambda t, reduction: t, autocast=contextlib.nullcontext)
     return evaluate(model, data.valid, batch_size, one_process)["eval/loss"]
 
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 POSITIVE = (
     "trainer.micro_batch_size", "trainer.grad_accum", "trainer.global_batch_size", "trainer.max_steps", "trainer.eval_every",
     "trainer.log_every", "trainer.max_skips", "trainer.sample_max_new_tokens", "trainer.cpu_threads",
-    "model.n_layer", "model.n_head", "model.n_embd", "model.n_positions",
+    "model.n_layer", "model.n_head", "model.n_embd", "model.n_positions", "generate.max_length",
+    "data.select", "data.valid_select",
 )
 MIXED_PRECISION = (None, "no", "fp16", "bf16", "fp8")
 NONFINITE = ("skip", "stop")

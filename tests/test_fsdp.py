@@ -5,6 +5,7 @@ grad_accum 2, 6 steps, the same data and seed. The FSDP2 run must really be shar
 silent DDP fallback fails here) and train like DDP to 1e-5: losses, global grad norms,
 eval/loss, final weights. Its checkpoints then seed the resume and elastic tests.
 """
+import contextlib
 import json
 import re
 import shutil
@@ -287,7 +288,8 @@ def test_evaluation_keeps_every_rank_in_step_under_fsdp():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16,
                                        bos_token_id=0, eos_token_id=0))
     model.__class__ = CountingSharded  # what fully_shard does to the module it wraps
-    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2, process_index=1, reduce=lambda t, **k: t)
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2, process_index=1, reduce=lambda t, **k: t,
+                          autocast=contextlib.nullcontext)
     metrics = evaluate(model, Blocks(), 2, acc)
     assert CountingSharded.forwards == 3 and CountingSharded.reshards == 1
     assert metrics["eval/tokens"] == 4 * 7  # only rank 1's own 4 blocks are counted

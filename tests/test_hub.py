@@ -5,6 +5,7 @@ Each test builds a Hugging Face hub cache in a temporary HF_HOME, in the layout 
 `snapshots/<commit>/<file>` as links to the blobs, and `refs/main` naming the commit.
 """
 import json
+import os
 
 import pytest
 from omegaconf import OmegaConf

@@ -61,7 +61,7 @@ def test_lora_finetune_lowers_held_out_perplexity(trained_run, lora_run, cache_d
     assert after["loss"] == pytest.approx(series(read_metrics(run_dir), "eval/loss")[-1][1], abs=1e-5)
     assert after["perplexity"] < 0.9 * before["perplexity"]
     samples = [r["sample/0"] for r in read_metrics(run_dir) if "sample/0" in r]
-    assert len(samples) == 2 and samples[-1].startswith("Мне нравится, что вы ")
+    assert len(samples) == 3 and samples[-1].startswith("Мне нравится, что вы ")  # steps 0 (eval_on_start), 2, 4
     log = (run_dir / "train.log").read_text()
     assert re.search(r"parameters: [\d,]+ trainable of [\d,]+ \(\d", log) and "optimizer state" in log
 

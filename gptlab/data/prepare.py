@@ -87,6 +87,9 @@ def make_sources(dc, cache_root: Path) -> List[Source]:
 
 
 def _check(dc, sources) -> None:
+    if (dc.select is not None or dc.valid_select is not None) and not any(isinstance(s, HfSource) for s in sources):
+        raise DataError("data.select and data.valid_select sample rows of the hf source (datasets' "
+                        "shuffle(seed).select(N)); this corpus has none")
     if dc.split_method not in SPLIT_METHODS:
         raise DataError(f"data.split_method={dc.split_method!r}: choose {' or '.join(SPLIT_METHODS)}")
     if dc.pack not in PACKS:

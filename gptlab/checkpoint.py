@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint_io import (STATE_FILE, BaseMismatchError, all_true, by_model_names, checkpoint_dir, layout,
                             link_copy, list_checkpoints, load_checkpoint, on_every_process, remove_dir,
-                            save_checkpoint, step_of)
+                            save_checkpoint, step_of, update_trainer_state)
 from .lora import only_trainable
 from .preemption import StopSignals
 from .errors import CheckpointError, ConfigError, MissingPathError
@@ -101,24 +101,30 @@ class Checkpoints:
 
     # -- the loop's hooks
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self, log_step: bool) -> bool:
         """Whether any process got SIGTERM/SIGINT; every process gets the same answer."""
-        if self.signals.requested():
+        if self.signals.requested(log_step):
             self.stopped = self.signals.received or "a signal to another process"
             log.warning("stop requested (%s): saving a checkpoint and stopping", self.stopped)
             return True
         return False
 
-    def step_end(self, step: int, max_steps: int, eval_loss=None, stop: bool = False) -> None:
-        """Save when due (every save_every steps, at max_steps, on stop) and when eval/loss improves."""
-        improved = eval_loss is not None and math.isfinite(eval_loss) and (
-            self.best is None or eval_loss < self.best["eval/loss"])
+    def save_if_due(self, step: int, max_steps: int, stop: bool = False) -> None:
+        """Save every save_every steps, at max_steps and on stop; before the step's evaluation, so
+        an evaluation that fails (out of memory) loses nothing."""
+        if stop or step == max_steps or (self.save_every and step % self.save_every == 0):
+            self.latest = self.save(checkpoint_dir(self.root.parent, step), step, max_steps)
+            self._prune()
+
+    def evaluated(self, step: int, max_steps: int, eval_loss: float) -> None:
+        """Record the step's eval/loss in the checkpoint just saved, and keep best/ the best so far."""
+        improved = math.isfinite(eval_loss) and (self.best is None or eval_loss < self.best["eval/loss"])
         if improved:
             self.best = {"step": step, "eval/loss": eval_loss}
-        saved = None
-        if stop or step == max_steps or (self.save_every and step % self.save_every == 0):
-            saved = self.latest = self.save(checkpoint_dir(self.root.parent, step), step, max_steps, eval_loss)
-            self._prune()
+        saved = self.latest if self.latest is not None and step_of(self.latest) == step else None
+        if saved is not None:
+            on_every_process(self.acc, f"could not record eval/loss in {saved}", lambda: self.acc.is_main_process and
+                             update_trainer_state(saved, {"eval/loss": eval_loss, "best": self.best}))
         if improved:
             if saved is None:
                 self.save(self.root / "best", step, max_steps, eval_loss)

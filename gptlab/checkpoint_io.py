@@ -130,6 +130,17 @@ def export_hf(model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
+def update_trainer_state(ckpt, values: dict) -> None:
+    """Add `values` to a complete checkpoint's trainer_state.json, replacing the file atomically."""
+    path = Path(ckpt) / STATE_FILE
+    tmp = path.with_name(f".tmp-{STATE_FILE}")
+    tmp.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=1) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 # ---------------------------------------------------------------------------- load
 
 def read_trainer_state(ckpt) -> dict:

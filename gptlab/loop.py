@@ -13,7 +13,7 @@ from .flops import MFU
 from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
-from .optim import lr_at, set_lr
+from .optim import lr_at, set_lr, step_unless
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     last = {}
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, device, accelerator.num_processes,
               tc.peak_flops, accelerator.mixed_precision)
-    guard = StepGuard.from_config(tc, accelerator, optimizer)
+    guard = StepGuard.from_config(tc, accelerator)
 
     # Running sums stay on the device: reading them forces a host sync, so we do it
     # only when logging, evaluating or saving (and per step for a host-side guard).
@@ -75,28 +75,28 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         if isinstance(norm, DTensor):  # FSDP2: the norm over every shard, as a plain tensor on each rank
             norm = norm.full_tensor()
-        # SIGTERM/SIGINT are acted on at a step boundary: log what is pending, save, return.
-        stop = checkpoints is not None and checkpoints.stop_requested()
+        log_due = t % tc.log_every == 0 or t == max_steps
+        # SIGTERM/SIGINT are acted on at a step boundary (with several processes, at a log step,
+        # where they agree on it): log what is pending, save, return.
+        stop = checkpoints is not None and checkpoints.stop_requested(log_due)
+        log_due = log_due or stop
         epoch = order.epoch_at(t)
         crossed = math.floor(epoch) > math.floor(order.epoch_at(t - 1))
-        log_due = t % tc.log_every == 0 or t == max_steps or stop
         eval_due = t % tc.eval_every == 0 or t == max_steps
         epoch_due = tc.epochs is not None and (crossed or t == max_steps)
         try:
-            # A skipped update leaves the weights and the optimizer state as they were.
-            take = guard.step(optimizer, step_loss, norm, t, accelerator)
-            if take is not False:  # a bool from a host-side guard, else a tensor on the device
-                take = torch.as_tensor(take, device=device)
-                loss_sum += torch.where(take, step_loss, 0.0)
-                norm_sum += torch.where(take, norm.detach().float(), 0.0)
-                epoch_loss_sum += torch.where(take, step_loss, 0.0)
-                # Gradients and moments exist now, before zero_grad (a fused step that
-                # rejected its update has made the moments too).
-                if not sized:
-                    sized = log_state_bytes(model, optimizer, accelerator.num_processes)
+            reject = guard.check(step_loss, norm, t)  # decided on the device: the host does not wait
+            step_unless(optimizer, reject)  # rejected, the weights and the optimizer state stay as they were
+            if accelerator.scaler is not None:  # fp16: its scale, from the overflow unscale_ found
+                accelerator.scaler.update()
+            loss_sum += torch.where(reject, 0.0, step_loss)
+            norm_sum += torch.where(reject, 0.0, norm.detach().float())
+            epoch_loss_sum += torch.where(reject, 0.0, step_loss)
+            if not sized:  # gradients and moments exist now, before zero_grad
+                sized = log_state_bytes(model, optimizer, accelerator.num_processes)
             # Checkpoints are saved only at log steps (save_every is a multiple of log_every).
             if log_due or eval_due or epoch_due:
-                taken = guard.flush()  # the device guard's sync; it raises at a halt
+                taken = guard.flush()  # the guard's one host read; it raises at a halt
                 kept += taken
                 epoch_steps += taken
         except TrainingHalted as e:
@@ -124,13 +124,18 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             norm_sum.zero_()
             kept, tokens, t_window = 0, 0, time.perf_counter()
 
-        eval_loss = None
+        if checkpoints is not None:
+            t_save = time.perf_counter()
+            checkpoints.save_if_due(t, max_steps, stop)
+            t_window += time.perf_counter() - t_save  # saving is not training throughput
         if eval_due:
             metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
             tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, t)
             log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
             last.update(metrics)
             eval_loss = metrics["eval/loss"]
+            if checkpoints is not None:
+                checkpoints.evaluated(t, max_steps, eval_loss)
             if not math.isfinite(eval_loss):
                 bar.close()
                 raise TrainingHalted(f"step {t}: eval/loss is {eval_loss}: the weights no longer give finite "
@@ -153,10 +158,6 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             epoch_loss_sum.zero_()
             epoch_steps = 0
             t_window = time.perf_counter()
-        if checkpoints is not None:
-            t_save = time.perf_counter()
-            checkpoints.step_end(t, max_steps, eval_loss, stop)
-            t_window += time.perf_counter() - t_save  # nor is saving
         if stop:
             break
     bar.close()

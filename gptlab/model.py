@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel,
+                          PreTrainedModel)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .hub import is_commit, is_hub_id, resolve
 from .errors import CheckpointError, ConfigError, MissingPathError
@@ -17,6 +19,19 @@ from .lora import base_of
 from .loss import _token_ce, chunked_token_ce, fused_linear_loss
 
 log = logging.getLogger(__name__)
+
+# Given no attention mask, transformers' mask builder looks for packed sequences in the
+# position ids and reads the answer back to the host (masking_utils.
+# find_packed_sequence_indices): a stream sync in every training forward on a GPU. gptlab
+# never passes a mask and never pads on the left (a sample's padding follows its end), so
+# model.attn_implementation=sdpa trains with the same SDPA kernel registered under a name the
+# mask builder does not know: it skips straight to SDPA's is_causal path. Exports still say sdpa.
+CAUSAL_SDPA = "gptlab_causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+def attention(name: str) -> str:
+    return CAUSAL_SDPA if name == "sdpa" else name
 
 
 def build_model(model_cfg, tokenizer, block_size: int):
@@ -44,7 +59,7 @@ def build_model(model_cfg, tokenizer, block_size: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config._attn_implementation = model_cfg.attn_implementation
+    config._attn_implementation = attention(model_cfg.attn_implementation)
     model = GPT2LMHeadModel(config)
     if vocab_size > len(tokenizer):  # padding ids are never sampled
         model.generation_config.suppress_tokens = list(range(len(tokenizer), vocab_size))
@@ -110,7 +125,7 @@ def load_pretrained(model_cfg, tokenizer, block_size: int):
     check_block_size(model_cfg, block_size)
     path = pretrained_dir(model_cfg)
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code,
-                                                 attn_implementation=model_cfg.attn_implementation)
+                                                 attn_implementation=attention(model_cfg.attn_implementation))
     n_emb = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_emb:
         # ruGPT-3's tokenizer files name an <|endoftext|> that is not in its vocab, so

@@ -6,6 +6,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adafactor import Adafactor
+from .muon import Muon
+
 DECAYED = (nn.Linear, Conv1D)
 
 
@@ -74,16 +77,15 @@ class _States(Mapping):
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """torch's Muon for the hidden matrices and AdamW for the rest, as one optimizer.
+    """Muon for the hidden matrices and fused AdamW for the rest, as one optimizer.
 
     One object, so Accelerate prepares, saves and loads it like any other (one
-    optimizer.bin) and the loop and the step guard need no second code path.
-    `param_groups` are the inner optimizers' own group dicts, so the LR the loop
-    writes reaches them; each group's `lr_scale` is its base LR over optim.lr, so
-    both follow one schedule multiplier.
+    optimizer.bin) and the loop needs no second code path. `param_groups` are the inner
+    optimizers' own group dicts, so the LR the loop writes reaches them; each group's
+    `lr_scale` is its base LR over optim.lr, so both follow one schedule multiplier.
     """
 
-    def __init__(self, muon: torch.optim.Muon | None, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon | None, adamw: torch.optim.AdamW):
         self.inner = [o for o in (muon, adamw) if o is not None]
         super().__init__([p for o in self.inner for g in o.param_groups for p in g["params"]], {})
         self._link()
@@ -93,10 +95,10 @@ class MuonAdamW(torch.optim.Optimizer):
         self.param_groups = [g for o in self.inner for g in o.param_groups]
         self.state = _States(self.inner)
 
-    def step(self, closure=None):
+    def step(self, closure=None, reject: torch.Tensor | None = None):
         loss = closure() if closure is not None else None
         for o in self.inner:
-            o.step()
+            step_unless(o, reject)
         return loss
 
     def state_dict(self):
@@ -113,12 +115,10 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     muon = None
     if any(id(p) in muon_ids for p in params):
-        # match_rms_adamw scales each matrix's update by 0.2 * sqrt(max(rows, cols)): the
-        # same for GPT-2's Conv1D (in, out) and nn.Linear's (out, in), where torch's
-        # default sqrt(max(1, rows / cols)) would read Conv1D's shape the wrong way round.
-        muon = torch.optim.Muon([p for p in params if id(p) in muon_ids], lr=cfg.muon_lr,
-                                weight_decay=cfg.muon_weight_decay, momentum=cfg.momentum,
-                                ns_steps=cfg.ns_steps, adjust_lr_fn="match_rms_adamw")
+        # Each matrix's update is scaled by 0.2 * sqrt(max(rows, cols)) (muon.py): the same for
+        # GPT-2's Conv1D (in, out) and nn.Linear's (out, in).
+        muon = Muon([p for p in params if id(p) in muon_ids], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                    momentum=cfg.momentum, ns_steps=cfg.ns_steps)
         muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
               for g in param_groups(model, cfg.weight_decay)]
@@ -128,24 +128,48 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
 
 
 WSD_DECAYS = ("linear", "sqrt")
-OPTIMIZERS = ("adamw", "adam", "adafactor", "muon")
+# Every optimizer here can skip an update on a device flag without a host sync (step_unless):
+# fused Adam and AdamW take it as the kernel's found_inf, gptlab's own Muon and Adafactor as `reject`.
+OPTIMIZERS = {
+    # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.
+    "adamw": lambda model, cfg: torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                                  betas=tuple(cfg.betas), eps=cfg.eps, fused=True),
+    "adam": lambda model, cfg: torch.optim.Adam(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                                betas=tuple(cfg.betas), eps=cfg.eps, fused=True),
+    # An absolute, externally scheduled LR: the loop sets every group's lr each step.
+    "adafactor": lambda model, cfg: Adafactor(param_groups(model, cfg.weight_decay), lr=cfg.lr),
+    "muon": build_muon,
+}
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    if cfg.name == "muon":
-        return build_muon(model, cfg)
-    groups = param_groups(model, cfg.weight_decay)
-    # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
-    if cfg.name == "adafactor":
-        from transformers.optimization import Adafactor
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.name](model, cfg)
 
-        # An absolute, externally scheduled LR: the loop sets every group's lr each step.
-        return Adafactor(groups, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False)
-    raise ValueError(f"optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+def step_unless(optimizer, reject: torch.Tensor | None) -> None:
+    """optimizer.step(), but where the 0-d bool tensor `reject` is true no update at all: the
+    weights and the optimizer state (moments, step counts) stay as they were. The flag is
+    never read back to the host, so a GPU need not wait for the step to finish.
+
+    Fused Adam and AdamW take it as `found_inf`, the flag GradScaler hands their kernel;
+    gptlab's Muon, Adafactor and MuonAdamW as `reject`.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+    if reject is None:
+        inner.step()
+    elif isinstance(inner, (Muon, Adafactor, MuonAdamW)):
+        inner.step(reject=reject)
+    elif isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and inner.defaults.get("fused"):
+        inner.found_inf, inner.grad_scale = reject.float(), None  # what Adam.step reads, as GradScaler sets them
+        try:
+            inner.step()
+        finally:
+            del inner.found_inf, inner.grad_scale
+    else:
+        raise TypeError(f"{type(inner).__name__} cannot skip an update on a device flag; build optimizers with "
+                        "gptlab.optim.build_optimizer")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -9,10 +9,12 @@ import torch.distributed as dist
 class StopSignals:
     """SIGTERM (what SLURM sends before preemption) and SIGINT only set a flag.
 
-    The loop reads it between steps, so a handler never interrupts a save, and all
-    processes stop at the same step: the flags are max-reduced every step over a CPU
-    (gloo) group, which does not synchronise the GPU. Repeated signals are harmless
-    (torchrun forwards the ones SLURM already sent); SIGKILL still ends a process at once.
+    The loop reads it between steps, so a handler never interrupts a save. One process
+    stops at the next step. Several stop together at the next log step: there the flags
+    are max-reduced over a CPU (gloo) group, a collective every process waits for, so
+    between log steps nobody waits (SLURM's grace before SIGKILL must cover log_every
+    steps). Repeated signals are harmless (torchrun forwards the ones SLURM already sent);
+    SIGKILL still ends a process at once.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -39,9 +41,11 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.received = self.received or signal.Signals(signum).name
 
-    def requested(self) -> bool:
+    def requested(self, log_step: bool) -> bool:
         if not self._distributed:
             return self.received is not None
+        if not log_step:
+            return False
         flag = torch.tensor([int(self.received is not None)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())

@@ -134,47 +134,60 @@ def test_spike_guard_skips_an_outlier(tmp_path, cache_dir, monkeypatch):
     assert "step 6: update skipped: loss spike" in (tmp_path / "train.log").read_text()
 
 
+def _verdicts(guard, rows):
+    """(rejected, ...) for (loss, grad norm) rows, all on the device until one flush at the end."""
+    rejects = [guard.check(torch.tensor(loss), torch.tensor(norm), step) for step, (loss, norm) in enumerate(rows, 1)]
+    guard.flush()
+    return [bool(r) for r in rejects]
+
+
 def test_guard_decisions():
     g = StepGuard(spike_zscore=3.0, spike_window=4)
-    assert all(g.decide(x, 1.0, s) for s, x in enumerate([5.0, 5.1, 4.9, 5.0], 1))
-    assert not g.decide(6.0, 1.0, 5)  # (6 - 5) / 0.082 = 12 std above
-    assert g.decide(5.2, 1.0, 6)  # a spike did not enter the statistics
-    assert g.decide(1.0, 1.0, 7)  # falling fast is no spike
-    assert not g.decide(5.0, math.inf, 8)
+    rows = [(5.0, 1.0), (5.1, 1.0), (4.9, 1.0), (5.0, 1.0),
+            (6.0, 1.0),  # (6 - 5) / 0.082 = 12 std above: a spike
+            (5.2, 1.0),  # a spike did not enter the statistics
+            (1.0, 1.0),  # falling fast is no spike
+            (5.0, math.inf)]
+    assert _verdicts(g, rows) == [False] * 4 + [True, False, False, True]
     assert (g.skipped, g.in_a_row) == (2, 1)
-    assert list(g.recent) == [4.9, 5.0, 5.2, 1.0]
+    assert sorted(g._dev["recent"].tolist()) == pytest.approx([1.0, 4.9, 5.0, 5.2])  # the last four accepted
 
     with pytest.raises(TrainingHalted, match="^step 2: non-finite loss 1.0 or grad norm nan") as err:
-        StepGuard(nonfinite="stop").decide(1.0, NAN, 2)
+        _verdicts(StepGuard(nonfinite="stop"), [(1.0, 1.0), (1.0, NAN)])
     assert err.value.step == 1  # the last step whose update went in
     # fp16: an overflowing grad norm is the GradScaler's to skip, not a fault
-    assert StepGuard(nonfinite="stop", scaler_handles_overflow=True).decide(1.0, math.inf, 1)
+    g = StepGuard(nonfinite="stop", scaler=True)
+    assert _verdicts(g, [(1.0, math.inf)]) == [True] and g.skipped == 0
     with pytest.raises(TrainingHalted):
-        StepGuard(nonfinite="stop", scaler_handles_overflow=True).decide(NAN, math.inf, 1)
+        _verdicts(StepGuard(nonfinite="stop", scaler=True), [(NAN, math.inf)])
 
     g = StepGuard(max_skips=2)
-    assert not g.decide(NAN, 1.0, 1)
-    assert g.decide(2.0, 1.0, 2)  # a good step resets the count in a row
-    assert not g.decide(NAN, 1.0, 3)
+    rejects = [g.check(torch.tensor(x), torch.tensor(1.0), s) for s, x in enumerate([NAN, 2.0, NAN, NAN, 3.0], 1)]
     with pytest.raises(TrainingHalted, match="^step 4: 2 updates skipped in a row"):
-        g.decide(NAN, 1.0, 4)
+        g.flush()  # a good step reset the count in a row; the halt froze step 5 too
+    assert [bool(r) for r in rejects] == [True, False, True, True, True]
 
 
 def test_skipping_under_a_grad_scaler_keeps_it_usable():
-    """fp16: clip_grad_norm_ has unscaled the gradients; a skip must still end the scaler's step."""
-    from types import SimpleNamespace
+    """fp16: clip_grad_norm_ has unscaled the gradients and found the overflow; the rejected step
+    leaves the weights, and the scaler's update() (the loop calls it every step) halves the scale."""
+    from gptlab.optim import step_unless
 
     p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=0.1)
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    acc = SimpleNamespace(scaler=scaler, num_processes=1)
-    guard = StepGuard(scaler_handles_overflow=True)
-    for _ in range(2):
-        (scaler.scale(p.sum()) * NAN).backward()
+    guard = StepGuard(scaler=True)
+    for overflow, moved, scale in ((True, False, 2.0**15), (True, False, 2.0**14), (False, True, 2.0**14)):
+        (scaler.scale(p.sum()) * (math.inf if overflow else 1.0)).backward()
         scaler.unscale_(opt)  # what accelerator.clip_grad_norm_ does under fp16
-        guard.skip_update(acc)  # without it, the next unscale_ raises
+        norm = torch.nn.utils.clip_grad_norm_([p], math.inf)
+        before = p.detach().clone()
+        step_unless(opt, guard.check(torch.tensor(1.0), norm, 1))
+        scaler.update()  # without it, the next unscale_ raises
         opt.zero_grad()
-    assert torch.equal(p.detach(), torch.ones(3)) and scaler.get_scale() == 2.0**14
+        assert (not torch.equal(before, p.detach())) == moved and scaler.get_scale() == scale
+    assert guard.flush() == 1 and guard.skipped == 0
+    assert opt.state[p]["step"].item() == 1  # the rejected updates did not count
 
 
 RANKS_SCRIPT = """
@@ -183,11 +196,13 @@ from accelerate import Accelerator
 from gptlab.distributed import end_processes
 from gptlab.guards import StepGuard
 acc = Accelerator(cpu=True)
-g = StepGuard(spike_zscore=3.0, spike_window=3)
+g = StepGuard(spike_zscore=3.0, spike_window=3, num_processes=acc.num_processes,
+              reduce=lambda t: acc.reduce(t, reduction="mean"))
 r = acc.process_index
 # rank 1 alone sees a NaN at step 2 and a spike at step 6; the others see ordinary losses
 losses = [5.0, math.nan if r == 1 else 5.0, 5.1, 4.9, 5.0, 90.0 if r == 1 else 5.0, 5.0]
-took = [g.check(torch.tensor(x), torch.tensor(1.0), s, acc) for s, x in enumerate(losses, 1)]
+took = [not bool(g.check(torch.tensor(x), torch.tensor(1.0), s)) for s, x in enumerate(losses, 1)]
+g.flush()
 # One file per rank: two processes printing to one pipe can interleave their lines.
 with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
     json.dump({"world": acc.num_processes, "rank": r, "took": took, "skipped": g.skipped}, f)

@@ -1,3 +1,5 @@
+import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptlab.optim import param_groups
@@ -21,3 +23,102 @@ def test_weight_decay_groups_by_module_type():
     n_unique = len({id(p) for p in model.parameters()})
     assert len(decay["params"]) + len(no_decay["params"]) == n_unique
     assert len(decay["params"]) == 2 * 4  # four matrices per block
+
+
+# --- every optimizer can skip an update on a device flag (optim.step_unless) ---
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def _steps(model, opt, n, reject=lambda i: None):
+    """n updates on fixed batches; opt is stepped through step_unless with reject(i)."""
+    from gptlab.optim import step_unless
+
+    g = torch.Generator().manual_seed(1)
+    for i in range(n):
+        x = torch.randint(0, 64, (2, 16), generator=g)
+        model(input_ids=x, labels=x).loss.backward()
+        step_unless(opt, reject(i))
+        opt.zero_grad()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _state(opt):
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in opt.state.values()]
+
+
+def test_muon_is_torchs_muon():
+    """gptlab's Muon (for its masked step, and FSDP2) computes what torch.optim.Muon does, to the bit."""
+    from gptlab.muon import Muon
+
+    results = []
+    for make in (lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, ns_steps=5,
+                                             adjust_lr_fn="match_rms_adamw"),
+                 lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, ns_steps=5)):
+        model = _model()
+        mats = [p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n]
+        opt = make(mats)
+        results.append(_steps(model, opt, 4))
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+
+
+def test_adafactor_is_the_hf_trainers():
+    """Seed 004's Adafactor: transformers' with an external lr (no relative step, no parameter scale),
+    factored for matrices, full for vectors, with weight decay. (Not on GPT-2: its key biases get
+    exactly zero gradients, which Adafactor's rsqrt turns into full-size updates from any rounding.)"""
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    from gptlab.adafactor import Adafactor
+
+    weights = []
+    for make in (lambda ps: HFAdafactor(ps, lr=1e-2, weight_decay=0.01, relative_step=False, scale_parameter=False,
+                                        warmup_init=False),
+                 lambda ps: Adafactor(ps, lr=1e-2, weight_decay=0.01)):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        opt, g = make(list(net.parameters())), torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x = torch.randn(32, 8, generator=g)
+            net(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        weights.append(net.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "adafactor", "muon"])
+def test_a_rejected_step_leaves_weights_and_state_as_they_were(name):
+    from omegaconf import OmegaConf
+
+    from gptlab.optim import build_optimizer
+
+    cfg = OmegaConf.create({"name": name, "lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
+                            "muon_lr": 2e-2, "muon_weight_decay": 0.1, "momentum": 0.95, "ns_steps": 5})
+    runs = []
+    for rejected in (set(), {1, 2}):  # steps 1 and 2 rejected: the run is then steps 0 and 3
+        model = _model()
+        opt = build_optimizer(model, cfg)
+        weights = _steps(model, opt, 4, lambda i: torch.tensor(i in rejected))
+        runs.append((weights, _state(opt)))
+    model = _model()
+    opt = build_optimizer(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(4)]
+    for x in (batches[0], batches[3]):  # the same two updates, nothing between them
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    got, state = runs[1]
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for a, b in zip(state, _state(opt)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+    assert any(not torch.equal(runs[0][0][k], got[k]) for k in got)  # rejecting changed the outcome

@@ -46,7 +46,7 @@ class StepGuard:
         self.skipped = 0  # in this run, logged as train/skipped_steps
         self.in_a_row = 0
         self._pending = []  # ([loss, norm, verdict, z, mean] on the device, step) since the last flush
-        self._dev = None  # device state: recent accepted losses (a ring), their count, skips in a row, halted
+        self._dev = None  # device state: recent accepted losses (a ring), how many so far, skips in a row, halted
 
     @classmethod
     def from_config(cls, tc, accelerator):
@@ -57,7 +57,7 @@ class StepGuard:
     def _state(self, device) -> dict:
         if self._dev is None:
             f64 = {"dtype": torch.float64, "device": device}
-            self._dev = {"recent": torch.zeros(self.window, **f64), "count": torch.zeros((), **f64),
+            self._dev = {"recent": torch.zeros(self.window, **f64), "accepted": torch.zeros((), **f64),
                          "run": torch.zeros((), **f64), "halted": torch.zeros((), dtype=torch.bool, device=device)}
         return self._dev
 
@@ -76,14 +76,14 @@ class StepGuard:
             mean = s["recent"].mean()
             std = s["recent"].std()
             z = torch.where(std > 0, (loss_v - mean) / std, 0.0)
-            spike = (s["count"] == self.window) & (z > self.spike_zscore) & ~nonfinite
+            spike = (s["accepted"] >= self.window) & (z > self.spike_zscore) & ~nonfinite
         fault = nonfinite | spike
         reject = fault | overflow | s["halted"]
         verdict = torch.where(nonfinite, NONFINITE, torch.where(spike, SPIKE, torch.where(overflow, OVERFLOW, TAKEN)))
         accepted = ~fault & ~s["halted"] & torch.isfinite(loss_v)
-        slot = (s["count"] % self.window).long()
+        slot = (s["accepted"] % self.window).long()  # the oldest of the window, once it is full
         s["recent"][slot] = torch.where(accepted, loss_v, s["recent"][slot])
-        s["count"] = torch.where(accepted, s["count"] + 1, s["count"]).clamp(max=self.window)
+        s["accepted"] = s["accepted"] + accepted
         s["run"] = torch.where(fault, s["run"] + 1, 0.0)
         halt = s["run"] >= self.max_skips
         if self.nonfinite == "stop":

@@ -1,7 +1,7 @@
 """GPT-2 124M at T=1024 in bf16 through gptlab's real run(): tokens/s and MFU.
 
-    python bench/gpu.py                       # on a CUDA GPU: bf16, TF32, compiled blocks
-    python bench/gpu.py --batch 32 --no-compile
+    python bench/gpu.py                       # on a CUDA GPU: the default recipe (Muon), bf16, compiled blocks
+    python bench/gpu.py --batch 32 --no-compile --optim adamw
     python bench/gpu.py --tiny                # the same path on a CPU, a toy model (a test runs this)
 
 The tokens are uniform random ids over GPT-2's 50,257 (a throughput bench needs no
@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup-steps", type=int, default=20, help="steps not timed (compilation); also the log interval")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    p.add_argument("--optim", default="muon", help="the optimizer group (optim=NAME); muon is the default recipe")
+    p.add_argument("--loss", default="cross_entropy", help="the loss group (loss=NAME)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model with a 512 vocab, for CPU tests")
     p.add_argument("--override", action="append", default=[], help="any further Hydra override")
@@ -72,10 +74,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         n_tokens = (args.steps + 1) * args.batch * args.block
         data = random_tokens(Path(tmp), vocab, n_tokens, args.block, args.batch)
-        result = run_gptlab(data, [*as_overrides(settings), *args.override], args.steps, args.warmup_steps)
+        groups = [f"optim={args.optim}", f"loss={args.loss}"]  # named, so a change of default changes no row
+        result = run_gptlab(data, [*groups, *as_overrides(settings), *args.override], args.steps, args.warmup_steps)
     # Peak over the whole run (model, optimizer state, activations, the fused loss's chunks).
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
-    result.update(device=device, settings=settings, peak_mem_gib=peak)
+    result.update(device=device, settings=settings, optim=args.optim, loss=args.loss, peak_mem_gib=peak)
     print(f"{result['tokens_per_s']:.0f} tokens/s, MFU {result['logged_mfu']:.1%} "
           f"(median of the loop's train/mfu after {args.warmup_steps} steps)"
           + (f", peak memory {peak:.1f} GiB" if peak is not None else ""), flush=True)

@@ -110,11 +110,15 @@ fi
 
 # 3. The tests, then the benches (each with its own time limit; later stages run whatever came before).
 stage tests 240 "$PY" -m pytest -m gpu tests/gpu -q -rA -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
-stage bf16_eager 60 "$PY" bench/gpu.py --no-compile --json "$WORK/bench_bf16_eager.json"
-stage bf16_compiled 120 "$PY" bench/gpu.py --json "$WORK/bench_bf16_compiled.json"
-stage fp16_codeparrot 60 "$PY" bench/gpu.py --precision fp16 --no-compile --block 128 --batch 32 --steps 40 \
-    --warmup-steps 20 --override trainer.grad_accum=8 --override loss=keytoken --override "loss.keywords=[t1,t2,t3]" \
-    --json "$WORK/bench_fp16_codeparrot.json"
+# Each bench names its recipe: the default (Muon + AdamW, cross-entropy), and experiment=codeparrot's
+# (AdamW at 5e-4, betas 0.9/0.999, weight decay 0.1, cosine; the keytoken loss; fp16; 32 x 8 x 128).
+stage bf16_eager 60 "$PY" bench/gpu.py --optim muon --loss cross_entropy --no-compile \
+    --json "$WORK/bench_bf16_eager.json"
+stage bf16_compiled 120 "$PY" bench/gpu.py --optim muon --loss cross_entropy --json "$WORK/bench_bf16_compiled.json"
+stage fp16_codeparrot 60 "$PY" bench/gpu.py --optim adamw --loss keytoken --precision fp16 --no-compile --block 128 \
+    --batch 32 --steps 40 --warmup-steps 20 --override trainer.grad_accum=8 --override optim.lr=5e-4 \
+    --override "optim.betas=[0.9,0.999]" --override optim.weight_decay=0.1 --override scheduler=cosine \
+    --override "loss.keywords=[t1,t2,t3]" --json "$WORK/bench_fp16_codeparrot.json"
 stage liger 60 "$PY" bench/liger_loss.py --json "$WORK/liger_loss.json"
 
 # 4. The table, and gpu_check.json.
@@ -152,11 +156,12 @@ print(f"\n==== gpu_check: {wall} s wall ====")
 t = summary["tests"]
 print("tests: " + (f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
                    + (f" ({', '.join(t['failures'])})" if t["failures"] else "") if t else "no result"))
-print(f"{'bench':16} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}")
+print(f"{'bench':16} {'recipe':22} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}")
 for name in ("bf16_eager", "bf16_compiled", "fp16_codeparrot"):
     r = summary["bench"].get(name)
     if r:
-        print(f"{name:16} {r['tokens_per_s']:10.0f} {r['logged_mfu']:7.1%} {r['peak_mem_gib']:9.1f}")
+        recipe = f"{r['optim']} + {r['loss']}"
+        print(f"{name:16} {recipe:22} {r['tokens_per_s']:10.0f} {r['logged_mfu']:7.1%} {r['peak_mem_gib']:9.1f}")
     else:
         st = summary["stages"].get(name, {})
         why = ("not run (budget spent)" if st.get("seconds") == 0 else "timed out") if st.get("exit") == 124 \

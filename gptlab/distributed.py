@@ -29,15 +29,25 @@ def fast_cpu_precision(precision: str) -> bool:
 
 
 def resolve_mixed_precision(requested, cuda: bool) -> str:
-    # GPU settings (seed 002 asks for fp16) still run here: a CPU without native fp16/bf16
-    # matmul emulates it, ~70x slower than fp32 on this project's AVX2 machine.
-    if requested in ("fp16", "bf16") and not cuda and not fast_cpu_precision(requested):
-        log.warning("trainer.mixed_precision=%s: this CPU has no native %s matmul (emulated, ~70x slower); "
-                    "training in fp32 here", requested, requested)
-        return "no"
-    if requested is not None:
-        return requested
-    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    """The run's precision. Unset: bf16 on a GPU with bf16 tensor cores (compute capability 8.0
+    and later), fp16 with a GradScaler on 7.x (V100, T4), fp32 below and on a CPU.
+    torch.cuda.is_bf16_supported() is no guide: it counts emulation, so it says yes on a V100."""
+    if not cuda:
+        # GPU settings (seed 002 asks for fp16) still run here: a CPU without native fp16/bf16
+        # matmul emulates it, ~70x slower than fp32 on this project's AVX2 machine.
+        if requested in ("fp16", "bf16") and not fast_cpu_precision(requested):
+            log.warning("trainer.mixed_precision=%s: this CPU has no native %s matmul (emulated, ~70x slower); "
+                        "training in fp32 here", requested, requested)
+            return "no"
+        return requested or "no"
+    major, minor = torch.cuda.get_device_capability()
+    if requested is None:
+        return "bf16" if major >= 8 else "fp16" if major >= 7 else "no"
+    if requested == "bf16" and major < 8:
+        log.warning("trainer.mixed_precision=bf16 on %s (compute capability %d.%d), which has no bf16 tensor cores: "
+                    "emulated, slower than fp32; trainer.mixed_precision=fp16 uses its fp16 tensor cores",
+                    torch.cuda.get_device_name(), major, minor)
+    return requested
 
 
 def end_processes(accelerator: Accelerator) -> None:

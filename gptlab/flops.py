@@ -6,6 +6,7 @@ weighted sums over T positions in L layers of H heads of width Q.
 """
 import functools
 import logging
+import re
 import time
 
 import torch
@@ -13,8 +14,34 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Dense bf16/fp16 tensor-core peaks from the vendor data sheets (no sparsity).
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+# Dense peaks per precision from NVIDIA's data sheets (no sparsity), in FLOP/s: fp32 on the CUDA
+# cores, tf32, bf16 and fp16 on the tensor cores (fp16 and bf16 accumulating in fp32, as PyTorch
+# runs them). Matched against torch.cuda.get_device_name(), first match wins. A precision a GPU
+# has no tensor cores for (a V100's tf32 and bf16) is missing: tf32 falls back to fp32, bf16 is
+# measured (emulated).
+_H100_SXM = {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12}
+_H100_NVL = {"fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12}
+GPU_PEAK_FLOPS = (
+    (r"H100 PCIe", {"fp32": 51.2e12, "tf32": 378e12, "bf16": 756e12, "fp16": 756e12}),
+    (r"H[12]00 NVL", _H100_NVL),
+    (r"H100", _H100_SXM),  # "NVIDIA H100 80GB HBM3": the SXM part
+    (r"H200", _H100_SXM),
+    (r"A100", {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12}),  # SXM and PCIe alike
+    (r"\bL4\b", {"fp32": 30.3e12, "tf32": 60e12, "bf16": 121e12, "fp16": 121e12}),
+    (r"\bA10\b", {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12}),
+    (r"RTX 4090", {"fp32": 82.6e12, "tf32": 82.6e12, "bf16": 165.2e12, "fp16": 165.2e12}),
+    (r"V100S", {"fp32": 16.4e12, "fp16": 130e12}),
+    (r"V100-PCIE", {"fp32": 14e12, "fp16": 112e12}),
+    (r"V100", {"fp32": 15.7e12, "fp16": 125e12}),  # SXM2
+)
+
+
+def gpu_peak(name: str, precision: str) -> float | None:
+    """The data-sheet peak of the GPU called `name` for matmuls in `precision` (fp32, tf32, bf16, fp16)."""
+    for pattern, peaks in GPU_PEAK_FLOPS:
+        if re.search(pattern, name):
+            return peaks.get(precision, peaks["fp32"] if precision == "tf32" else None)
+    return None
 
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
@@ -63,9 +90,8 @@ def measured_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.f
             return best
 
 
-# The matmul whose peak MFU divides by, for each mixed precision ("no": fp32). fp8's own
-# matmul is not a plain `@`; bf16's peak stands in for it, as the data sheets' bf16 does.
-MATMUL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+# The matmul whose peak MFU divides by, for each mixed precision ("no": fp32, or tf32 where on).
+MATMUL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def peak_flops(device: torch.device, configured: float | None = None, precision: str = "no") -> tuple[float, str]:
@@ -80,10 +106,13 @@ def peak_flops(device: torch.device, configured: float | None = None, precision:
     what = f"measured {str(dtype).removeprefix('torch.')} matmul"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"{name} data sheet (bf16 dense)"
-        log.warning("no peak FLOP/s known for %s; %s instead (set trainer.peak_flops to override)", name, what)
+        kind = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "tf32" if torch.backends.cuda.matmul.allow_tf32
+                                                     else "fp32")
+        flops = gpu_peak(name, kind)
+        if flops is not None:
+            return flops, f"{name} data sheet ({kind} dense)"
+        log.warning("no %s peak FLOP/s known for %s; %s instead (set trainer.peak_flops to override)", kind, name,
+                    what)
         return measured_matmul_flops("cuda", dtype), f"{what} on {name}"
     return measured_matmul_flops(device.type, dtype), f"{what} on {device.type}"
 

@@ -120,6 +120,32 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(base, tmp_path
     assert read_trainer_state(ckpts / "step_0000002")["step"] == 2  # intact: every file at its size
 
 
+def test_a_save_due_with_an_evaluation_comes_first(base, tmp_path, monkeypatch):
+    """An evaluation that fails (out of memory on a GPU) loses nothing: the step's checkpoint is on disk,
+    and a resume from it gives what the uninterrupted run gives."""
+    import gptlab.loop
+
+    real = gptlab.loop.evaluate
+
+    def evaluate(model, blocks, batch_size, accelerator):
+        if gptlab.loop.evaluate.calls == 1:  # the second: at step 2
+            raise RuntimeError("CUDA out of memory (simulated)")
+        gptlab.loop.evaluate.calls += 1
+        return real(model, blocks, batch_size, accelerator)
+
+    evaluate.calls = 0
+    monkeypatch.setattr(gptlab.loop, "evaluate", evaluate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_training([f"run_dir={tmp_path}", *base, "trainer.save_every=2", "trainer.keep_last=null"])
+    assert state(tmp_path / "checkpoints" / "step_0000002")["step"] == 2
+    assert state(tmp_path / "checkpoints" / "step_0000002")["eval/loss"] is None  # saved before it evaluated
+    monkeypatch.setattr(gptlab.loop, "evaluate", real)
+    run_training([f"run_dir={tmp_path}", *base, "trainer.save_every=2", "trainer.keep_last=null", "resume=auto"])
+    with_eval = state(tmp_path / "checkpoints" / "step_0000004")
+    assert with_eval["eval/loss"] == dict(series(read_metrics(tmp_path), "eval/loss"))[4]  # recorded once evaluated
+    assert with_eval["best"]["step"] <= 4
+
+
 def test_checkpoint_options_are_checked_before_anything_runs(tmp_path):
     from gptlab.checkpoint import plan_run_dir
 

@@ -47,9 +47,38 @@ def test_peak_flops_sources(monkeypatch):
     with pytest.raises(ValueError, match="trainer.peak_flops"):
         peak_flops(torch.device("cpu"), -1.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert peak_flops(torch.device("cuda"))[0] == 989e12
+    assert peak_flops(torch.device("cuda"), precision="bf16") == (989.4e12, "NVIDIA H100 80GB HBM3 data sheet "
+                                                                            "(bf16 dense)")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
-    assert peak_flops(torch.device("cuda"))[0] == 312e12
+    assert peak_flops(torch.device("cuda"), precision="fp16")[0] == 312e12
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls
+        assert peak_flops(torch.device("cuda"), precision="no") == (156e12, "NVIDIA A100-SXM4-40GB data sheet "
+                                                                             "(tf32 dense)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert peak_flops(torch.device("cuda"), precision="no")[0] == 19.5e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("name, fp32, tf32, bf16, fp16", [
+    ("NVIDIA H100 80GB HBM3", 66.9e12, 494.7e12, 989.4e12, 989.4e12),  # SXM
+    ("NVIDIA H100 PCIe", 51.2e12, 378e12, 756e12, 756e12),
+    ("NVIDIA H200", 66.9e12, 494.7e12, 989.4e12, 989.4e12),
+    ("NVIDIA A100 80GB PCIe", 19.5e12, 156e12, 312e12, 312e12),
+    ("NVIDIA L4", 30.3e12, 60e12, 121e12, 121e12),
+    ("NVIDIA A10", 31.2e12, 62.5e12, 125e12, 125e12),
+    ("NVIDIA GeForce RTX 4090", 82.6e12, 82.6e12, 165.2e12, 165.2e12),
+    ("Tesla V100-SXM2-16GB", 15.7e12, 15.7e12, None, 125e12),  # no TF32 or bf16 tensor cores
+    ("Tesla V100-PCIE-32GB", 14e12, 14e12, None, 112e12),
+    ("NVIDIA L40S", None, None, None, None),  # not "L4": measured
+    ("NVIDIA A10G", None, None, None, None),  # not "A10"
+])
+def test_the_peak_table_tells_gpus_and_precisions_apart(name, fp32, tf32, bf16, fp16):
+    from gptlab.flops import gpu_peak
+
+    assert [gpu_peak(name, p) for p in ("fp32", "tf32", "bf16", "fp16")] == [fp32, tf32, bf16, fp16]
     cpu_peak, source = peak_flops(torch.device("cpu"), precision="no")
     assert cpu_peak > 1e8 and source == "measured float32 matmul on cpu"
     # bf16 autocast on a CPU: MFU against the bf16 matmul it runs (several times fp32's where native)

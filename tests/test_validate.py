@@ -7,6 +7,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, compose, run_training
 from gptlab.errors import ConfigError
@@ -29,7 +30,9 @@ CONFIG_TABLE = [
     ("trainer.sample_max_new_tokens=0", r"^trainer\.sample_max_new_tokens=0 must be at least 1$"),
     ("trainer.epochs=0", r"^trainer\.epochs=0\.0 must be a positive number \(or null\)$"),
     ("trainer.max_grad_norm=-1", r"^trainer\.max_grad_norm=-1\.0 must be >= 0"),
-    ("trainer.mixed_precision=int4", r"^trainer\.mixed_precision=int4 must be one of no, fp16, bf16, fp8"),
+    ("trainer.mixed_precision=int4", r"^trainer\.mixed_precision=int4 must be one of no, fp16, bf16 \(or null\)$"),
+    ("trainer.mixed_precision=fp8", r"^trainer\.mixed_precision=fp8 is not supported: accelerate's fp8 recipes "
+                                    r"leave GPT-2's Conv1D layers in bf16"),
     ("trainer.nonfinite=ignore", r"^trainer\.nonfinite=ignore must be skip or stop$"),
     ("trainer.spike_zscore=0", r"^trainer\.spike_zscore=0\.0 must be > 0"),
     ("trainer.spike_window=1", r"^trainer\.spike_window=1 must be at least 2$"),
@@ -105,7 +108,6 @@ def test_low_precision_on_a_cpu_without_native_support_falls_back_to_fp32(precis
             "slower); training in fp32 here") in caplog.text
     monkeypatch.setattr("gptlab.distributed.fast_cpu_precision", lambda mp: True)
     assert resolve_mixed_precision(precision, cuda=False) == precision
-    assert resolve_mixed_precision(precision, cuda=True) == precision
     check_environment(compose(["debug=smoke", f"trainer.mixed_precision={precision}"]), cuda=False)
 
 
@@ -118,9 +120,25 @@ def test_this_cpu_is_judged_by_its_real_capabilities():
         assert resolve_mixed_precision(precision, cuda=False) == expected
 
 
-def test_fp8_without_a_gpu_is_refused():
-    with pytest.raises(ConfigError, match=r"^trainer\.mixed_precision=fp8 needs a GPU"):
-        check_environment(compose(["debug=smoke", "trainer.mixed_precision=fp8"]), cuda=False)
+@pytest.mark.parametrize("capability, unset, explicit_bf16_warns", [
+    ((9, 0), "bf16", False), ((8, 0), "bf16", False), ((8, 9), "bf16", False),  # H100/H200, A100, L4/4090
+    ((7, 0), "fp16", True), ((7, 5), "fp16", True),  # V100, T4: fp16 tensor cores, emulated bf16
+    ((6, 1), "no", True)])  # P40/GTX 10x0: neither
+def test_the_default_precision_follows_the_gpu_generation(monkeypatch, caplog, capability, unset,
+                                                         explicit_bf16_warns):
+    """torch.cuda.is_bf16_supported() counts emulation (it says yes on a V100): the capability decides."""
+    from gptlab.distributed import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_mixed_precision(None, cuda=True) == unset
+    with caplog.at_level("WARNING"):
+        assert resolve_mixed_precision("bf16", cuda=True) == "bf16"
+    warned = "trainer.mixed_precision=bf16 on Tesla V100-SXM2-16GB (compute capability " in caplog.text
+    assert warned == explicit_bf16_warns
+    assert not warned or "trainer.mixed_precision=fp16 uses its fp16 tensor cores" in caplog.text
+    assert resolve_mixed_precision("no", cuda=True) == "no" and resolve_mixed_precision("fp16", cuda=True) == "fp16"
 
 
 def test_output_dir_under_a_file_is_not_writable(tmp_path):

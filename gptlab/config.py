@@ -187,8 +187,9 @@ class TrainerConfig:
     # last spike_window accepted steps (as llm.c does); None turns the guard off.
     spike_zscore: Optional[float] = None
     spike_window: int = 100
-    # None picks bf16 on a CUDA GPU that supports it and "no" elsewhere:
-    # low-precision matmul on a CPU without AVX-512 is emulated and ~100x slower.
+    # no | fp16 | bf16. None: bf16 on a GPU with bf16 tensor cores (compute capability >= 8.0), fp16 with
+    # a GradScaler on 7.x (V100, T4), "no" below and on a CPU (where low-precision matmul without
+    # AVX512-BF16/AMX is emulated, ~100x slower).
     mixed_precision: Optional[str] = None
     # Torch threads per process on a CPU; null: the physical cores / the processes on this machine.
     # (accelerate launch sets OMP_NUM_THREADS=1 for a single CPU process unless told otherwise.)

@@ -91,6 +91,26 @@ class HostReads(TorchFunctionMode):
         return out
 
 
+def cpu_fp16_scaler():
+    """Make the next runs take fp16's GradScaler path on this CPU (accelerate makes a scaler only on a
+    GPU, and gptlab falls back to fp32 on a CPU without native fp16); returns the undo."""
+    import gptlab.distributed
+    import gptlab.run
+
+    real_make, real_fast = gptlab.run.make_accelerator, gptlab.distributed.fast_cpu_precision
+
+    def make_accelerator(tc):
+        acc = real_make(tc)
+        acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
+        return acc
+
+    gptlab.run.make_accelerator, gptlab.distributed.fast_cpu_precision = make_accelerator, lambda precision: True
+
+    def undo():
+        gptlab.run.make_accelerator, gptlab.distributed.fast_cpu_precision = real_make, real_fast
+    return undo
+
+
 def reads_per_step(run, overrides) -> dict:
     """{optimizer step: (host reads while it ran, where)}, for `run(overrides)` (conftest's run_training).
 

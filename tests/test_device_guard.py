@@ -8,7 +8,7 @@ import torch
 
 from conftest import read_metrics, run_training, series
 from gptlab.guards import StepGuard, TrainingHalted
-from host_reads import reads_per_step
+from host_reads import cpu_fp16_scaler, reads_per_step
 from test_faults import NAN, Probe, smoke
 
 
@@ -70,23 +70,6 @@ def test_max_skips_freezes_from_the_halt(tmp_path, cache_dir, monkeypatch):
     probe.assert_same(2, 4)  # step 4 was finite, but the device had frozen the state at the halt
 
 
-def cpu_fp16_scaler(monkeypatch):
-    """The next run takes fp16's GradScaler path on this CPU: accelerate makes a scaler only on a
-    GPU, and gptlab falls back to fp32 on a CPU without native fp16."""
-    import gptlab.distributed
-    import gptlab.run
-
-    real = gptlab.run.make_accelerator
-
-    def make_accelerator(tc):
-        acc = real(tc)
-        acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
-        return acc
-
-    monkeypatch.setattr(gptlab.distributed, "fast_cpu_precision", lambda precision: True)
-    monkeypatch.setattr(gptlab.run, "make_accelerator", make_accelerator)
-
-
 CASES = {"muon": ["optim=muon"], "adamw": ["optim=adamw"], "adam": ["optim=adam"], "adafactor": ["optim=adafactor"],
          "muon+fp16": ["optim=muon", "trainer.mixed_precision=fp16"],
          "adamw+fp16": ["optim=adamw", "trainer.mixed_precision=fp16"],
@@ -95,15 +78,17 @@ CASES = {"muon": ["optim=muon"], "adamw": ["optim=adamw"], "adam": ["optim=adam"
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_no_host_reads_between_log_steps(tmp_path, cache_dir, monkeypatch, case):
+def test_no_host_reads_between_log_steps(tmp_path, cache_dir, case):
     """Each step but a log step reads nothing back: not the optimizer, not the guard, not the
-    model's forward (transformers' packed-sequence check), not the stop flag."""
-    fp16 = case.endswith("fp16")
-    if fp16:
-        cpu_fp16_scaler(monkeypatch)
-    per_step = reads_per_step(run_training, smoke(tmp_path, cache_dir, "trainer.max_steps=8", "trainer.log_every=4",
-                                                  "trainer.eval_every=8", "trainer.save_every=0",
-                                                  "trainer.sample_prompts=[]", *CASES[case]))
+    model's forward (transformers' packed-sequence check), not GradScaler.step, not the stop flag."""
+    undo = cpu_fp16_scaler() if case.endswith("fp16") else (lambda: None)
+    try:
+        per_step = reads_per_step(run_training, smoke(tmp_path, cache_dir, "trainer.max_steps=8",
+                                                      "trainer.log_every=4", "trainer.eval_every=8",
+                                                      "trainer.save_every=0", "trainer.sample_prompts=[]",
+                                                      *CASES[case]))
+    finally:
+        undo()
     assert sorted(per_step) == list(range(1, 9))
     quiet = {t: v for t, v in per_step.items() if t % 4}
     assert all(n == 0 for n, _ in quiet.values()), quiet

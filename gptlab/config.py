@@ -125,8 +125,11 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | adafactor | muon (betas and eps do not apply to adafactor)
-    lr: float = 1e-3
+    # auto (the default: muon from scratch, adamw to fine-tune) | adamw | adam | adafactor | muon
+    # (betas and eps do not apply to adafactor)
+    name: str = "adamw"
+    # null (optim=auto): 1e-3 from scratch, 5e-5 to fine-tune a pretrained model.
+    lr: Optional[float] = 1e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -142,7 +145,8 @@ class OptimConfig:
 class SchedulerConfig:
     name: str = "cosine"  # cosine | linear | wsd | constant
     warmup_steps: int = 30
-    min_lr: float = 1e-4
+    # Where the decay ends; null: a tenth of optim.lr.
+    min_lr: Optional[float] = 1e-4
     # wsd: hold optim.lr, then decay to min_lr over this last fraction of the steps, linear | sqrt (1-sqrt).
     decay_fraction: float = 0.2
     decay: str = "linear"

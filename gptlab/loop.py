@@ -13,14 +13,15 @@ from .flops import MFU
 from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
-from .optim import lr_at, set_lr, step_unless
+from .optim import make_schedule, set_lr, step_unless
 
 log = logging.getLogger(__name__)
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
           max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None) -> dict:
-    tc, sc = cfg.trainer, cfg.scheduler
+    tc = cfg.trainer
+    schedule = make_schedule(cfg.optim, cfg.scheduler, max_steps)
     device = accelerator.device
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     last = {}
@@ -50,7 +51,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
                disable=not accelerator.is_main_process)
     for step in range(start_step, max_steps):
         t = step + 1  # the optimizer step being taken, 1-based as logged
-        lr = lr_at(t, cfg.optim.lr, max_steps, sc.warmup_steps, sc.min_lr, sc.name, sc.decay_fraction, sc.decay)
+        lr = schedule(t)
         set_lr(optimizer, lr)
 
         micro = order.micro_batches(step)

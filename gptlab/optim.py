@@ -85,7 +85,7 @@ class MuonAdamW(torch.optim.Optimizer):
     `lr_scale` is its base LR over optim.lr, so both follow one schedule multiplier.
     """
 
-    def __init__(self, muon: Muon | None, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon | None, adamw: torch.optim.AdamW | None):
         self.inner = [o for o in (muon, adamw) if o is not None]
         super().__init__([p for o in self.inner for g in o.param_groups for p in g["params"]], {})
         self._link()
@@ -101,12 +101,22 @@ class MuonAdamW(torch.optim.Optimizer):
             step_unless(o, reject)
         return loss
 
-    def state_dict(self):
-        return {"inner": [o.state_dict() for o in self.inner]}
+    # The standard layout (`state` by parameter index in param_groups order, `param_groups` with
+    # those indices), which torch.distributed.checkpoint reshards under FSDP2 as any optimizer's.
+    state_dict = torch.optim.Optimizer.state_dict
 
     def load_state_dict(self, state_dict):
-        for o, sd in zip(self.inner, state_dict["inner"], strict=True):
-            o.load_state_dict(sd)
+        if "inner" in state_dict:  # written before the standard layout: one state dict per inner optimizer
+            for o, sd in zip(self.inner, state_dict["inner"], strict=True):
+                o.load_state_dict(sd)
+            self._link()
+            return
+        groups, states = list(state_dict["param_groups"]), state_dict["state"]
+        for o in self.inner:  # each its own groups, renumbered from 0
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            index = {old: new for new, old in enumerate(i for g in mine for i in g["params"])}
+            o.load_state_dict({"state": {index[i]: s for i, s in states.items() if i in index},
+                               "param_groups": [{**g, "params": [index[i] for i in g["params"]]} for g in mine]})
         self._link()
 
 
@@ -122,8 +132,9 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
         muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
               for g in param_groups(model, cfg.weight_decay)]
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
-                              eps=cfg.eps, fused=True)
+    groups = [g for g in groups if g["params"]]
+    # (LoRA's adapters are all matrices: Muon may take every trainable parameter.)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True) if groups else None
     return MuonAdamW(muon, adamw)
 
 
@@ -140,6 +151,26 @@ OPTIMIZERS = {
     "adafactor": lambda model, cfg: Adafactor(param_groups(model, cfg.weight_decay), lr=cfg.lr),
     "muon": build_muon,
 }
+
+
+SCRATCH_LR, FINE_TUNING_LR = 1e-3, 5e-5  # FINE_TUNING_LR: transformers' TrainingArguments default
+
+
+def choose_optimizer(cfg) -> str | None:
+    """optim=auto (the default) becomes Muon + AdamW from scratch, AdamW to fine-tune a pretrained
+    model (full or LoRA), each at its own lr unless optim.lr says; the line that says so, or None
+    for a named optimizer. Written into cfg, so the saved config records what ran."""
+    oc = cfg.optim
+    if oc.name != "auto":
+        return None
+    tuned = cfg.model.pretrained_path
+    oc.name = "adamw" if tuned else "muon"
+    if oc.lr is None:
+        oc.lr = FINE_TUNING_LR if tuned else SCRATCH_LR
+    why = (f"fine-tuning {tuned}{' with LoRA' if cfg.model.lora.r else ''}: Muon on weights trained with AdamW is "
+           f"not the tested path" if tuned else "from scratch: it won the time-to-quality bench (README)")
+    what = "AdamW" if tuned else f"Muon (muon_lr {oc.muon_lr:g}) + AdamW"
+    return f"optim=auto: {what} at lr {oc.lr:g}, {why}; optim=NAME pins another"
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -176,6 +207,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group at `lr` times its own `lr_scale` (Muon's groups carry muon_lr / optim.lr)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_schedule(optim_cfg, scheduler_cfg, max_steps: int):
+    """step -> lr for the run: optim.lr through scheduler.* (min_lr null: a tenth of optim.lr)."""
+    sc = scheduler_cfg
+    min_lr = optim_cfg.lr / 10 if sc.min_lr is None else sc.min_lr
+    return lambda step: lr_at(step, optim_cfg.lr, max_steps, sc.warmup_steps, min_lr, sc.name, sc.decay_fraction,
+                              sc.decay)
 
 
 def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,

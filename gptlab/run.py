@@ -13,7 +13,7 @@ from .checkpoint_io import export_hf
 from .data.blocks import TrainOrder, plan_grad_accum
 from .data.prepare import prepare
 from .data.sources import HfSource
-from .distributed import (agree_run_dir, apply_activation_checkpointing, end_processes, is_sharded,
+from .distributed import (EarlyLogs, agree_run_dir, apply_activation_checkpointing, end_processes, is_sharded,
                           make_accelerator, prepare_model, setup_logging)
 from .export import export_checkpoint
 from .generate import log_samples
@@ -23,7 +23,7 @@ from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
 from .model import build_model, check_block_size, compile_blocks, count_parameters
-from .optim import build_optimizer
+from .optim import build_optimizer, choose_optimizer
 from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
 from .validate import check_config, check_environment, check_run, check_warmup
@@ -65,13 +65,18 @@ def resolve_max_steps(tc, order: TrainOrder) -> int:
 
 
 def run(cfg) -> dict:
+    early = EarlyLogs()  # what is logged before the run directory exists goes into its train.log
     try:
-        return _run(cfg)
+        return _run(cfg, early)
     finally:
+        early.release()  # shown on the console if the run failed before that
         release_run_dirs()  # the lock agree_run_dir took, also when the run fails
 
 
-def _run(cfg) -> dict:
+def _run(cfg, early) -> dict:
+    chosen = choose_optimizer(cfg)  # optim=auto: by the job
+    if chosen:
+        log.info(chosen)
     check_config(cfg)
     check_environment(cfg, torch.cuda.is_available())
     run_dir = plan_run_dir(cfg)  # checks the checkpoint options before any work
@@ -82,7 +87,7 @@ def _run(cfg) -> dict:
     tc.grad_accum = plan_grad_accum(tc.micro_batch_size, accelerator.num_processes, tc.global_batch_size,
                                     tc.grad_accum)
     run_dir = agree_run_dir(accelerator, run_dir)
-    setup_logging(run_dir, main)
+    setup_logging(run_dir, main, early)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
         cfg.tokenizer.revision = cfg.model.revision  # the model's own tokenizer, never retrained
     cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config

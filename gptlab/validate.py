@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -25,7 +24,7 @@ from .errors import ConfigError
 from .lora import check_lora_config
 from .loss import check_loss_config
 from .model import check_block_size, count_parameters
-from .optim import build_optimizer, lr_at
+from .optim import OPTIMIZERS, choose_optimizer, lr_at
 from .tokenizer import KINDS
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,10 @@ def check_config(cfg) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:
         raise ConfigError(str(e).splitlines()[0].split("resolving interpolation: ")[-1]) from None
+    choose_optimizer(cfg)  # optim=auto, as run() resolves it (a no-op once resolved)
+    _require(cfg.optim.name in OPTIMIZERS,
+             f"optim.name={cfg.optim.name!r}: choose one of auto, {', '.join(OPTIMIZERS)}")
+    _require(cfg.optim.lr is not None, "optim.lr=null is optim=auto's (it picks the lr by the job): give a number")
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")
@@ -98,15 +101,14 @@ def check_config(cfg) -> None:
     _require(oc.eps > 0, f"optim.eps={oc.eps} must be > 0: Adam divides by sqrt(v) + eps, so a weight "
                          "with no gradient yet (an unused embedding row) would turn NaN")
     _require(sc.warmup_steps >= 0, f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0")
-    _require(sc.min_lr >= 0, f"scheduler.min_lr={sc.min_lr} must be >= 0")
-    _require(sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
+    _require(sc.min_lr is None or sc.min_lr >= 0, f"scheduler.min_lr={sc.min_lr} must be >= 0")
+    _require(sc.min_lr is None or sc.min_lr <= oc.lr, f"scheduler.min_lr={sc.min_lr} is greater than optim.lr={oc.lr}")
     if oc.name == "muon":
         _check_muon(oc)
-        _require(mc.lora.r == 0, "optim=muon with model.lora.r>0: Muon on low-rank adapters is not measured "
-                                 "here; add optim=adamw (the LoRA variants of the presets use it)")
-        if mc.pretrained_path:
-            log.warning("fine-tuning %s with optim=muon, the from-scratch default: Muon on a model trained with "
-                        "AdamW is not measured here; the fine-tuning presets use optim=adamw", mc.pretrained_path)
+        if mc.pretrained_path:  # asked for: it runs, but it is not the tested path
+            log.warning("fine-tuning %s%s with optim=muon: Muon on a model trained with AdamW is not measured "
+                        "here; optim=auto (the default) picks AdamW for fine-tuning", mc.pretrained_path,
+                        " (LoRA adapters)" if mc.lora.r else "")
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     _check_names(cfg)
     check_loss_config(cfg.loss)
@@ -118,17 +120,12 @@ def _check_muon(oc) -> None:
     _require(oc.muon_weight_decay >= 0, f"optim.muon_weight_decay={oc.muon_weight_decay} must be >= 0")
     _require(0 <= oc.momentum < 1, f"optim.momentum={oc.momentum} must be in [0, 1)")
     _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
-    # Newton-Schulz orthogonalises a whole matrix; a sharded parameter holds only a slice of it.
-    _require(not fsdp_asked(), "optim=muon with an FSDP launch: Newton-Schulz needs each weight matrix whole, and "
-                               "FSDP shards it over the processes; launch with DDP, or add optim=adamw "
-                               "scheduler=cosine")
 
 
 def _check_names(cfg) -> None:
-    """Optimizer and schedule names, asked of the code that knows them (one source of truth)."""
+    """Schedule names, asked of the code that knows them (one source of truth)."""
     try:
         lr_at(1, cfg.optim.lr, 2, 0, 0.0, cfg.scheduler.name, cfg.scheduler.decay_fraction, cfg.scheduler.decay)
-        build_optimizer(torch.nn.Linear(1, 1), cfg.optim)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

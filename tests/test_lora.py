@@ -288,8 +288,6 @@ def test_bad_lora_input_fails_before_step_1(tmp_path, trained_run, resume_base, 
     with pytest.raises(ConfigError, match=r"no module named 'q_proj'; its linear layers are named c_attn, c_fc, "
                                           r"c_proj, lm_head"):
         run_training([f"run_dir={tmp_path / 'b'}", *resume_base, "model.lora.target_modules=[c_attn,q_proj]"])
-    with pytest.raises(ConfigError, match=r"^optim=muon with model.lora.r>0: .* add optim=adamw"):
-        run_training([f"run_dir={tmp_path / 'm'}", *[a for a in resume_base if a != "optim=adamw"], "optim=muon"])
     with monkeypatch.context() as m:
         m.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file .../fsdp.yaml` sets
         with pytest.raises(ConfigError, match="model.lora.r>0 under an FSDP launch is not supported yet"):
@@ -385,3 +383,15 @@ def test_memory_bench_lora_rows(tmp_path):
     n_lora = 2 * 16 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
     assert lora["gradients"] == 4 * n_lora < full["gradients"] / 4
     assert lora["optimizer_state"] == 8 * n_lora + 4 * 2 * 4 * 2
+
+
+def test_lora_takes_adamw_by_default_and_muon_when_asked(tmp_path, resume_base):
+    """optim=auto picks AdamW for adapters on a pretrained model; optim=muon still runs them, with a
+    warning (every adapter matrix goes to Muon: no AdamW group at all)."""
+    base = [a for a in resume_base if a not in ("optim=adamw", "optim.lr=1e-2")]
+    run_training([f"run_dir={tmp_path / 'auto'}", *base])
+    log = (tmp_path / "auto" / "train.log").read_text()
+    assert "optim=auto: AdamW at lr 5e-05, fine-tuning " in log and " with LoRA: Muon on weights trained" in log
+    result = run_training([f"run_dir={tmp_path / 'muon'}", *base, "optim=muon"])
+    log = (tmp_path / "muon" / "train.log").read_text()  # logged before the run directory existed
+    assert math.isfinite(result["train/loss"]) and "with optim=muon: Muon on a model trained with AdamW" in log

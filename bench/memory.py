@@ -36,6 +36,8 @@ CONFIGS = {
                  ["trainer.activation_checkpointing=true"]),
     "DDP+LoRA16": (["--multi_gpu"], ["model.lora.r=16"]),
     "DDP+AC+LoRA16": (["--multi_gpu"], ["trainer.activation_checkpointing=true", "model.lora.r=16"]),
+    "DDP+Muon": (["--multi_gpu"], ["optim.name=muon"]),
+    "FSDP2+Muon": (["--config_file", str(ROOT / "launch" / "accelerate" / "fsdp.yaml")], ["optim.name=muon"]),
 }
 
 
@@ -121,7 +123,7 @@ def model_settings(args) -> dict:
             "trainer.micro_batch_size": args.batch, "trainer.grad_accum": 1, "trainer.log_every": 1,
             "trainer.eval_every": 10 ** 9, "trainer.save_every": 0, "trainer.sample_prompts": [],
             "scheduler.warmup_steps": 1, "logger.tensorboard": False,
-            # AdamW in every row: Muon (the default) does not run under FSDP, and one optimizer keeps rows comparable
+            # AdamW unless a row says Muon: one optimizer keeps the other rows comparable
             "optim.name": "adamw"}
 
 

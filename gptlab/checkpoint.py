@@ -85,8 +85,9 @@ class Checkpoints:
     better one.
     """
 
-    def __init__(self, accelerator, run_dir, cfg, model, tokenizer, order, lora_base=None):
+    def __init__(self, accelerator, run_dir, cfg, model, optimizer, tokenizer, order, lora_base=None):
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.optimizer = optimizer
         self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
         if lora_base is not None:
             accelerator.register_save_state_pre_hook(only_trainable)  # by the wrapped names, so first
@@ -172,6 +173,7 @@ class Checkpoints:
             log.info("resume=auto: no checkpoint in %s yet, starting at step 0", self.root)
             self._supersede_after(0)
             return 0
+        configured = _hyperparameters(self.optimizer)  # from this run's config, before the checkpoint's replace them
         for ckpt in candidates:
             err = None
             try:
@@ -191,6 +193,10 @@ class Checkpoints:
                                   f"loads (reasons above)")
         step, self.best = state["step"], state.get("best")
         self._check_global_batch(ckpt, state)
+        # The moments are the checkpoint's; the hyperparameters (LR scales, betas, eps, weight
+        # decays, momentum) this run's, as its config says: load_state_dict restored the saved ones.
+        for group, values in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(values)
         self._warn_differences(ckpt, state)
         if state.get("world_size") != self.acc.num_processes:
             self._continue_elastic(ckpt, state, step)
@@ -234,10 +240,14 @@ class Checkpoints:
         except OSError:
             return
         now = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        changed = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
-                   if k not in _FREE_TO_CHANGE and then.get(k) != now.get(k)]
-        if changed:
-            log.warning("resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
+        changed = [k for k in sorted(set(then) | set(now)) if k not in _FREE_TO_CHANGE and then.get(k) != now.get(k)]
+        applied = [f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in changed if k.startswith("optim.")]
+        others = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed if not k.startswith("optim.")]
+        if applied:
+            log.info("resume: this run's optimizer settings apply, the moments are the checkpoint's: %s",
+                     ", ".join(applied))
+        if others:
+            log.warning("resuming with settings that differ from the checkpoint's: %s", "; ".join(others))
 
     def _supersede_after(self, step: int) -> None:
         """Checkpoints newer than the resume point belong to a history that no longer continues."""
@@ -259,6 +269,11 @@ class Checkpoints:
         for leftover in self.root.glob(".t*-*") if self.root.is_dir() else []:
             if leftover.name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _hyperparameters(optimizer) -> list:
+    """Each param group's settings but its parameters and its LR (which the loop sets every step)."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
 
 
 def _flatten(d, prefix=""):

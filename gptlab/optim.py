@@ -158,15 +158,15 @@ SCRATCH_LR, FINE_TUNING_LR = 1e-3, 5e-5  # FINE_TUNING_LR: transformers' Trainin
 
 def choose_optimizer(cfg) -> str | None:
     """optim=auto (the default) becomes Muon + AdamW from scratch, AdamW to fine-tune a pretrained
-    model (full or LoRA), each at its own lr unless optim.lr says; the line that says so, or None
-    for a named optimizer. Written into cfg, so the saved config records what ran."""
-    oc = cfg.optim
-    if oc.name != "auto":
-        return None
-    tuned = cfg.model.pretrained_path
-    oc.name = "adamw" if tuned else "muon"
+    model (full or LoRA); optim.lr null becomes 1e-3 from scratch, 5e-5 to fine-tune. Returns the
+    line that says so, or None for a named optimizer. Written into cfg, so the saved config
+    records what ran."""
+    oc, tuned = cfg.optim, cfg.model.pretrained_path
     if oc.lr is None:
         oc.lr = FINE_TUNING_LR if tuned else SCRATCH_LR
+    if oc.name != "auto":
+        return None
+    oc.name = "adamw" if tuned else "muon"
     why = (f"fine-tuning {tuned}{' with LoRA' if cfg.model.lora.r else ''}: Muon on weights trained with AdamW is "
            f"not the tested path" if tuned else "from scratch: it won the time-to-quality bench (README)")
     what = "AdamW" if tuned else f"Muon (muon_lr {oc.muon_lr:g}) + AdamW"

@@ -141,7 +141,7 @@ def _run(cfg, early) -> dict:
              tc.micro_batch_size, tc.grad_accum,
              accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
 
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, tokenizer, order, lora_base)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,

@@ -62,7 +62,6 @@ def check_config(cfg) -> None:
     choose_optimizer(cfg)  # optim=auto, as run() resolves it (a no-op once resolved)
     _require(cfg.optim.name in OPTIMIZERS,
              f"optim.name={cfg.optim.name!r}: choose one of auto, {', '.join(OPTIMIZERS)}")
-    _require(cfg.optim.lr is not None, "optim.lr=null is optim=auto's (it picks the lr by the job): give a number")
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")

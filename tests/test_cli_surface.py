@@ -85,7 +85,7 @@ def test_the_cli_surface_is_the_checked_in_reference():
 
 def test_the_surface_sees_types_defaults_and_typed_lists():
     rows = {k: (t, d) for k, t, d in surface_rows()}
-    assert rows["optim.lr"][0] == "float"
+    assert rows["optim.lr"][0] == "float | None"  # null: by the job
     assert rows["run_dir"] == ("str | None", "`null`")
     assert rows["tokenizer.special_tokens"] == ("List[str]", '`["<|endoftext|>"]`')
     assert rows["data.source"][0] == "Any"

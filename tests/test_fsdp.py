@@ -1,9 +1,10 @@
 """FSDP2 through `accelerate launch --config_file launch/accelerate/fsdp.yaml`, on CPU over gloo.
 
-Two runs serve most assertions: DDP (test_launch.py's `ddp2`) and FSDP2, 2 processes,
-grad_accum 2, 6 steps, the same data and seed. The FSDP2 run must really be sharded (a
-silent DDP fallback fails here) and train like DDP to 1e-5: losses, global grad norms,
-eval/loss, final weights. Its checkpoints then seed the resume and elastic tests.
+Two runs serve most assertions: DDP and FSDP2, 2 processes, grad_accum 2, 6 steps, the same
+data and seed, both with the default recipe (Muon + AdamW, WSD): under FSDP2 each Muon matrix
+is gathered whole on its owner, orthogonalised and scattered back. The FSDP2 run must really
+be sharded (a silent DDP fallback fails here) and train like DDP to 1e-5: losses, global grad
+norms, eval/loss, final weights. Its checkpoints then seed the resume and elastic tests.
 """
 import contextlib
 import json
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from conftest import free_port, read_metrics, series
-from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, ddp2, finish, kill_tree,  # noqa: F401
+from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, finish, kill_tree,  # noqa: F401
                          launch_env, logged_world, output, overrides, start)
 
 HARNESS = str(Path(TRAIN_PY).parent / "tests" / "fault_harness.py")
@@ -26,16 +27,24 @@ TOL = 1e-5
 SAVE_EVERY = 2
 
 
+def default_recipe(corpus, cache_dir, accum, *extra):
+    """test_launch's overrides without its AdamW pin: optim=auto, Muon + AdamW from scratch, and WSD."""
+    return [o for o in overrides(corpus, cache_dir, accum, *extra) if o not in ("optim=adamw", "scheduler=cosine")]
+
+
 def two_process_run(config, run_dir, corpus, cache_dir, env, script=TRAIN_PY, *extra, processes=2, accum=2):
     cmd = [ACCELERATE, "launch", "--config_file", str(LAUNCH / "accelerate" / config),
            "--num_processes", str(processes), "--main_process_port", str(free_port()), script,
-           *overrides(corpus, cache_dir, accum, f"run_dir={run_dir}", f"trainer.save_every={SAVE_EVERY}", *extra)]
+           *default_recipe(corpus, cache_dir, accum, f"run_dir={run_dir}", f"trainer.save_every={SAVE_EVERY}",
+                           *extra)]
     return start(cmd, run_dir.parent, env)
 
 
 @pytest.fixture(scope="module")
-def ddp(ddp2):
-    return ddp2.run_dir  # no save_every there: saving does not change a number
+def ddp(tmp_path_factory, corpus, cache_dir, launch_env):
+    run_dir = tmp_path_factory.mktemp("ddp_muon") / "run"
+    finish([two_process_run("cpu_ddp2.yaml", run_dir, corpus, cache_dir, launch_env)])
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +79,7 @@ def test_fsdp2_is_sharded_and_trains_like_ddp(ddp, fsdp):
     assert logged_world(ddp) == (2, "MULTI_CPU")
     assert logged_world(run_dir) == (2, "FSDP")
     log = (run_dir / "train.log").read_text()
+    assert "optim=auto: Muon (muon_lr 0.002) + AdamW at lr 0.001" in log
     # What check_wrapped counted on rank 0 after prepare: every parameter a DTensor holding
     # about half the values (dim-0 shards of odd sizes round up on rank 0).
     m = re.search(r"FSDP2: (\d+) of (\d+) parameter values on this process, (\d+) DTensors sharded over 2", log)

@@ -196,3 +196,33 @@ def test_two_processes_with_muon_equal_one_with_accumulation(tmp_path, base, ref
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path, ref_dir))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(tmp_path, base, reference, one_thread):
+    """The reference run's step-3 checkpoint, resumed with another muon_lr and Muon weight decay: the
+    groups take the new values (load_state_dict had restored the saved ones), the log says which."""
+    import gptlab.run
+
+    lrs, real = [], gptlab.run.build_optimizer
+
+    def build_optimizer(model, cfg):
+        opt = real(model, cfg)
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append([(g["lr"], g["weight_decay"]) for g in o.param_groups]))
+        return opt
+
+    ref_dir, ref_lrs = reference
+    gptlab.run.build_optimizer = build_optimizer
+    try:
+        run_training([f"run_dir={tmp_path}", *base, f"resume={ref_dir / 'checkpoints' / 'step_0000003'}",
+                      "optim.muon_lr=8e-3", "optim.muon_weight_decay=0.02"])
+    finally:
+        gptlab.run.build_optimizer = real
+    assert len(lrs) == STEPS - 3  # steps 4-6
+    for (muon, adamw), (ref_muon_lr, ref_adamw_lr) in zip(lrs, ref_lrs[3:]):
+        assert adamw == (ref_adamw_lr, 0.0)  # AdamW's group (GPT-2's undecayed rest) unchanged
+        assert muon[0] == pytest.approx(8 * adamw[0]) and ref_muon_lr == pytest.approx(4 * ref_adamw_lr)
+        assert muon[1] == 0.02  # the reference ran 0.1
+    log = (tmp_path / "train.log").read_text()
+    assert ("resume: this run's optimizer settings apply, the moments are the checkpoint's: optim.muon_lr 0.004 -> "
+            "0.008, optim.muon_weight_decay 0.1 -> 0.02") in log
+    assert series(read_metrics(tmp_path), "train/lr") == series(read_metrics(ref_dir), "train/lr")[3:]

@@ -16,6 +16,15 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 RESULT = "BENCH_RESULT "
 
 
+def free_port() -> int:
+    """A TCP port free right now, for a launch's --main_process_port (tests use this one too)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def compose(overrides=()):
     """gptlab's config, composed through Hydra as train.py composes it."""
     from hydra import compose as hydra_compose, initialize_config_dir

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "bench" / "results" / "host_reads.json"
+from common import free_port  # noqa: E402
 COMMON = ["debug=smoke", "trainer.max_steps=8", "trainer.log_every=4", "trainer.eval_every=8",
           "trainer.save_every=0", "trainer.sample_prompts=[]"]
 ROWS = {
@@ -56,7 +57,7 @@ def run_row(name: str, cache: Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "reads.json"
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--main_process_port", "29533", str(ROOT / "tests" / "host_reads.py"), str(out),
+                   "--main_process_port", str(free_port()), str(ROOT / "tests" / "host_reads.py"), str(out),
                    f"run_dir={tmp}/run", *overrides]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -18,14 +18,13 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, as_overrides, compose, print_result
+from common import ROOT, as_overrides, compose, free_port, print_result
 
 # name: (accelerate launch arguments, train.py overrides). One line adds a configuration.
 CONFIGS = {
@@ -94,18 +93,12 @@ def worker(args, overrides: list) -> None:
     Path(args.worker, f"rank{rank}.json").write_text(json.dumps(out))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(name: str, args, out_dir: Path) -> dict:
     launch, extra = CONFIGS[name]
     settings = model_settings(args)
     out_dir.mkdir(parents=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(args.processes),
-           "--main_process_port", str(_free_port()), __file__, "--worker", str(out_dir),
+           "--main_process_port", str(free_port()), __file__, "--worker", str(out_dir),
            "--block", str(args.block), "--batch", str(args.batch), "--steps", str(args.steps),
            "--vocab", str(args.vocab), "--", *as_overrides(settings), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "muon_dist.json"
+from common import free_port  # noqa: E402
 
 
 def gpt2_matrices(layers: int, width: int = 768):
@@ -80,7 +81,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
-           "--master_port", "29611", __file__, "--worker", "--layers", str(args.layers), "--threads",
+           "--master_port", str(free_port()), __file__, "--worker", "--layers", str(args.layers), "--threads",
            str(args.threads), "--steps", str(args.steps)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

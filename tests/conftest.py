@@ -16,6 +16,8 @@ SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parent.parent /
               ROOT.parent / "shared" / "data")
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port  # noqa: E402,F401  (one helper for the benches and the tests)
+
 
 def compose(overrides=()):
     """The real config, composed through Hydra the way train.py composes it."""
@@ -92,20 +94,15 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_weights(run_dir):
-    """The exported model's tensors, by name, for exact comparisons between runs."""
+def weights(model_dir):
+    """An HF export's tensors, by name, for exact comparisons between runs."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
-def free_port() -> int:
-    """A TCP port free right now, for a launch's --main_process_port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def final_weights(run_dir):
+    return weights(Path(run_dir) / "final")
 
 
 def series(rows, key):

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import free_port, read_metrics, series
+from conftest import free_port, read_metrics, series, weights
 from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, finish, kill_tree,  # noqa: F401
                          launch_env, logged_world, output, overrides, start)
 
@@ -60,11 +60,6 @@ def assert_close_series(a_dir, b_dir, key, steps, tol):
     assert [s for s, _ in a] == [s for s, _ in b] == steps, key
     for (step, x), (_, y) in zip(a, b):
         assert abs(x - y) <= tol, f"step {step}: {key} {x} vs {y}"
-
-
-def weights(model_dir):
-    from safetensors.torch import load_file
-    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
 def assert_same_weights(a, b, tol):

@@ -122,7 +122,7 @@ def logged_blocks(run_dir) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
-def assert_same_training(run_dir, ref_dir, tol=1e-5):
+def assert_same_training(run_dir, ref_dir, tol=1e-6):
     got, want = series(read_metrics(run_dir), "train/loss"), series(read_metrics(ref_dir), "train/loss")
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
     for (step, a), (_, b) in zip(got, want):

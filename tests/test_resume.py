@@ -9,7 +9,6 @@ grad_accum=2; dropout 0.1, so the restored RNG state matters.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, final_weights, read_metrics, run_training, series
+from conftest import ROOT, final_weights, free_port, read_metrics, run_training, series
 from fault_harness import install
 
 STEPS = 8
@@ -173,15 +172,9 @@ def test_sigterm_saves_and_exits_zero_then_resume_is_exact(tmp_path, base, refer
     assert_same_run(run_dir, reference)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_2proc(script, overrides, env=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(script), *overrides]
+           "--main_process_port", str(free_port()), str(script), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **THREADS, **(env or {})}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_training, series
+from conftest import ROOT, final_weights, read_metrics, run_training, series
 
 
 def smoke(tmp_path, cache_dir, *extra):
@@ -75,11 +75,6 @@ def test_same_seed_same_losses(smoke_run, tmp_path, cache_dir):
     assert again["eval/loss"] == smoke_run[1]["eval/loss"]
 
 
-def _final_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
 def test_grad_accumulation_equals_one_big_batch(tmp_path, cache_dir):
     # Adam's first update is about lr * g / |g|, which blows float summation-order noise
     # in near-zero gradients up to full size; a large eps keeps the update linear in g.
@@ -88,12 +83,12 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, cache_dir):
               "optim.eps=1e-3"]
     run_training(smoke(tmp_path / "accum", cache_dir, *common, "trainer.micro_batch_size=2", "trainer.grad_accum=4"))
     run_training(smoke(tmp_path / "big", cache_dir, *common, "trainer.micro_batch_size=8", "trainer.grad_accum=1"))
-    a, b = _final_weights(tmp_path / "accum"), _final_weights(tmp_path / "big")
+    a, b = final_weights(tmp_path / "accum"), final_weights(tmp_path / "big")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     # and the step really moved the weights (so the equality is not vacuous)
     run_training(smoke(tmp_path / "other", cache_dir, *common, "trainer.micro_batch_size=2", "trainer.grad_accum=1"))
-    init = _final_weights(tmp_path / "other")
+    init = final_weights(tmp_path / "other")
     assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)
 
 

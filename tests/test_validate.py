@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose, run_training
+from test_experiments import EXPERIMENTS, REQUIRED
 from gptlab.errors import ConfigError
 from gptlab.validate import check_config, check_environment, check_run
 
@@ -297,7 +298,6 @@ def test_source_grep_catches_what_it_claims():
 
 
 def test_trust_remote_code_defaults_to_false():
-    cfg = compose()
-    for key in ("model.trust_remote_code", "tokenizer.trust_remote_code"):
-        from omegaconf import OmegaConf
-        assert OmegaConf.select(cfg, key, default=None) in (None, False), key
+    """The one such key there is, and every preset leaves it off (a missing key would fail here)."""
+    for overrides in ([], *([f"experiment={e}", *REQUIRED.get(e, [])] for e in EXPERIMENTS)):
+        assert compose(overrides).model.trust_remote_code is False, overrides

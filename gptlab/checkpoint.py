@@ -19,7 +19,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint_io import (STATE_FILE, BaseMismatchError, all_true, by_model_names, checkpoint_dir, layout,
-                            link_copy, list_checkpoints, load_checkpoint, on_every_process, remove_dir,
+                            check_export_destination, link_copy, list_checkpoints, load_checkpoint,
+                            on_every_process, remove_dir,
                             save_checkpoint, step_of, update_trainer_state)
 from .lora import only_trainable
 from .preemption import StopSignals
@@ -59,6 +60,11 @@ def plan_run_dir(cfg):
     elif run_dir and list_checkpoints(Path(run_dir).expanduser()):
         raise ConfigError(f"run_dir={run_dir} already holds checkpoints: pass resume=auto to continue "
                           f"that run, or choose another run_dir")
+    if run_dir:  # the end of the run replaces run_dir/final: only ever an export of its own
+        try:
+            check_export_destination(Path(run_dir).expanduser() / "final")
+        except CheckpointError as e:
+            raise ConfigError(f"run_dir={run_dir}: {e}") from None
     return run_dir
 
 
@@ -156,6 +162,8 @@ class Checkpoints:
         if not self.acc.is_main_process or self.keep_last is None:
             return
         for old in list_checkpoints(self.root.parent)[:-self.keep_last]:
+            if not (old / STATE_FILE).is_file():  # a step_* directory gptlab did not write: not its to delete
+                continue
             try:
                 remove_dir(old)
             except OSError as e:

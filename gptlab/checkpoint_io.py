@@ -114,17 +114,38 @@ def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, t
     return out_dir
 
 
+EXPORT_MARKER = "gptlab_export.json"  # in every export gptlab writes: the only kind of directory it replaces
+
+
+def check_export_destination(out_dir) -> None:
+    """An export goes where nothing is, into an empty directory, or over an export gptlab wrote:
+    never over anything else (a typo such as OUT=outputs or OUT=~ must not wipe it)."""
+    out = Path(out_dir).expanduser()
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a directory to export into")
+    if (out / EXPORT_MARKER).is_file() or not any(out.iterdir()):
+        return
+    raise CheckpointError(f"{out} exists and is not an export gptlab wrote (it has no {EXPORT_MARKER}): refusing to "
+                          f"replace it; give a new or empty directory")
+
+
 def export_hf(model, tokenizer, out_dir: Path) -> Path:
     """save_pretrained (safetensors) plus the tokenizer, loadable by from_pretrained and pipeline().
 
     LoRA adapters are merged into the weights (of a copy), so the export needs no peft.
-    Written to a temporary directory and renamed, like a checkpoint.
+    Written to a temporary directory and renamed, like a checkpoint; it replaces only an
+    empty directory or an earlier export (check_export_destination).
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
+    check_export_destination(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     remove_dir(tmp)
     (merged_copy(model) if is_peft(model) else model).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "gptlab", "at": datetime.now(timezone.utc).isoformat(
+        timespec="seconds")}) + "\n")
     _fsync_tree(tmp)
     _replace_dir(tmp, out_dir)
     return out_dir

@@ -11,8 +11,8 @@ import logging
 import warnings
 from pathlib import Path
 
-from .checkpoint_io import (CheckpointError, export_hf, find_checkpoint, load_weights, part_dir, read_trainer_state,
-                            strip_wrappers)
+from .checkpoint_io import (CheckpointError, check_export_destination, export_hf, find_checkpoint, load_weights,
+                            part_dir, read_trainer_state, strip_wrappers)
 from .lora import is_peft, merged_copy
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def export_checkpoint(ckpt, out_dir, adapter: bool = False) -> Path:
 
     `adapter`: a LoRA checkpoint's unmerged peft adapter directory too, in out_dir/adapter.
     """
+    check_export_destination(out_dir)  # before any work
     model, tokenizer, ckpt = load_checkpoint_model(ckpt, merge=False)
     if adapter and not is_peft(model):
         raise CheckpointError(f"--adapter: {ckpt} is not a LoRA checkpoint (model.lora.r was 0)")
@@ -97,7 +98,8 @@ def _read_sharded(path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptlab.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
-    parser.add_argument("out_dir", help="where to write the Hugging Face model (replaced if it exists)")
+    parser.add_argument("out_dir", help="where to write the Hugging Face model: a new or empty directory, or an "
+                                        "earlier gptlab export (which it replaces); never anything else")
     parser.add_argument("--adapter", action="store_true",
                         help="LoRA checkpoints: also write the unmerged peft adapter directory to OUT_DIR/adapter")
     args = parser.parse_args(argv)

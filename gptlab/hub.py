@@ -218,7 +218,10 @@ def pin_hub_ids(cfg, accelerator, cache_root: Path, datasets: bool, previous=Non
 
 def _remove_stale_markers(root: Path) -> None:
     # A launch's marker is read within moments of being written; a day later nobody waits for it.
+    # Only markers (<launch time in ns>-<host>, as pin_hub_ids names them): cache_dir may be shared.
     for marker in root.iterdir():
+        if not re.match(r"^\d{19}-", marker.name):
+            continue
         try:
             if time.time() - marker.stat().st_mtime > STALE_MARKER_S:
                 shutil.rmtree(marker, ignore_errors=True)

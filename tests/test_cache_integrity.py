@@ -102,28 +102,32 @@ def test_the_next_build_removes_a_killed_builds_litter_but_not_a_live_ones(tmp_p
     from gptlab.data.cache import build_once
 
     stage = tmp_path / "tokens"
-    killed, live = start_builder(stage / "a"), start_builder(stage / "b")
+    a, b, c, d, e = (c * 16 for c in "abcde")  # the stage's entries are named by 16-hex fingerprints
+    killed, live = start_builder(stage / a), start_builder(stage / b)
     try:
         killed.send_signal(signal.SIGKILL)
         killed.wait(10)
-        litter, busy = stage / f"a.tmp{killed.pid}", stage / f"b.tmp{live.pid}"
+        litter, busy = stage / f"{a}.tmp{killed.pid}", stage / f"{b}.tmp{live.pid}"
         assert litter.is_dir() and busy.is_dir()
         # from another host (a shared file system), or of unknown origin: only age tells
-        foreign = stage / "c.tmp12345"
+        foreign = stage / f"{c}.tmp12345"
         foreign.mkdir()
         (foreign / ".builder.json").write_text(json.dumps({"host": socket.gethostname() + "-other", "pid": 1,
                                                            "started": 0}))
-        fresh_foreign = stage / "d.tmp12346"
+        fresh_foreign = stage / f"{d}.tmp12346"
         fresh_foreign.mkdir()
         (fresh_foreign / "train.bin").write_bytes(b"1")
+        not_ours = stage / "notes.tmp12347"  # cache_dir may be a shared directory: never gptlab's to delete
+        not_ours.mkdir()
         old = time.time() - 2 * 24 * 3600
-        os.utime(foreign / ".builder.json", (old, old))
-        os.utime(foreign, (old, old))
+        for path in (foreign / ".builder.json", foreign, not_ours):
+            os.utime(path, (old, old))
 
-        build_once(stage / "e", lambda tmp: {}, True)  # any build of the stage cleans up
+        build_once(stage / e, lambda tmp: {}, True)  # any build of the stage cleans up
         assert not litter.exists() and not foreign.exists()
-        assert busy.is_dir() and fresh_foreign.is_dir()
-        assert sorted(p.name for p in stage.iterdir()) == ["b.tmp%d" % live.pid, "d.tmp12346", "e"]
+        assert busy.is_dir() and fresh_foreign.is_dir() and not_ours.is_dir()
+        assert sorted(p.name for p in stage.iterdir()) == sorted([f"{b}.tmp{live.pid}", f"{d}.tmp12346", e,
+                                                                  "notes.tmp12347"])
     finally:
         live.kill()
         live.wait(10)

@@ -200,3 +200,39 @@ def test_export_cli(run, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing"), str(tmp_path / "x")])
     assert exit_info.value.code == 1
+
+
+def test_an_export_replaces_only_an_export(run, tmp_path):
+    """`python -m gptlab.export CKPT OUT` with OUT a typo for a directory that matters (outputs, ~):
+    refused in one line that names it, before any work, and the directory is untouched."""
+    from gptlab.export import main as export_main
+
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    (home / "notes.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "gptlab.export", str(run), str(home)], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {home} exists and is not an export gptlab wrote (it has no gptlab_export.json): refusing to "
+        "replace it; give a new or empty directory"]
+    assert (home / "notes.txt").read_text() == "keep me" and (home / "projects").is_dir()
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        export_main([str(run), str(a_file)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_main([str(run), str(empty)]) == 0 and (empty / "gptlab_export.json").is_file()
+    assert export_main([str(run), str(empty)]) == 0  # an export gptlab wrote is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "home", "model.bin"]  # no .tmp-/.trash- left
+
+
+def test_a_run_dir_whose_final_is_not_gptlabs_is_refused_before_step_1(base, tmp_path):
+    from gptlab.errors import ConfigError
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "thesis.tex").write_text("keep me")
+    with pytest.raises(ConfigError, match=rf"^run_dir={tmp_path}: {tmp_path / 'final'} exists and is not an export "
+                                          "gptlab wrote"):
+        run_training([f"run_dir={tmp_path}", *base])
+    assert (tmp_path / "final" / "thesis.tex").read_text() == "keep me"

@@ -237,3 +237,20 @@ def test_generate_and_evaluate_a_hub_id_from_the_cache(tmp_path, hub, capsys, ti
     assert scored["tokens"] > 0 and scored["loss"] == evaluate([str(TINY_GPT2), *data])["loss"]
     with pytest.raises(HubError, match="org/missing: the Hugging Face Hub is not reachable"):
         generate(["org/missing", *args])
+
+
+def test_stale_launch_markers_go_and_nothing_else(tmp_path):
+    """cache_dir may be a shared directory: only gptlab's own day-old launch markers are removed."""
+    import time
+
+    from gptlab.hub import _remove_stale_markers
+
+    old = time.time() - 2 * 24 * 3600
+    stale, fresh, foreign = tmp_path / f"{time.time_ns() - 10**15}-host", tmp_path / f"{time.time_ns()}-host", \
+        tmp_path / "my-project"
+    for d in (stale, fresh, foreign):
+        d.mkdir()
+    for d in (stale, foreign):
+        os.utime(d, (old, old))
+    _remove_stale_markers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, "my-project"])

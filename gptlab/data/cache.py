@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -124,8 +125,10 @@ def remove_stale_builds(stage_dir: Path, stale_after_s: float = STALE_AFTER_S) -
     """
     host = socket.gethostname()
     for tmp in stage_dir.glob("*.tmp*"):
+        if not (tmp.is_dir() and re.match(r"^[0-9a-f]{16}\.tmp\d+$", tmp.name)):  # only builds of a fingerprint
+            continue
         pid = tmp.name.rpartition(".tmp")[2]
-        if not (tmp.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+        if int(pid) == os.getpid():
             continue
         try:
             owner = json.loads((tmp / BUILDER).read_text())

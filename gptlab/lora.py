@@ -5,9 +5,11 @@ other helpers recognise a peft model without importing peft, so the default path
 start-up time do not change.
 
 The frozen base is never copied into checkpoints. It is referenced by path and by a
-SHA-256 of its weights as loaded: `model.pretrained_path` when the model is used as
-stored there, otherwise (a model built from scratch, or embeddings resized to the
-tokenizer) a one-off `save_pretrained` copy in `run_dir/lora_base/`.
+SHA-256 of its weights as loaded: `model.pretrained_path`'s directory when the model is
+used as stored there (for a Hub id, its snapshot in the HF cache, with the id and the
+pinned commit, so that another machine's cache finds it too), otherwise (a model built from
+scratch, or embeddings resized to the tokenizer) a one-off `save_pretrained` copy in
+`run_dir/lora_base/`.
 """
 import copy
 import hashlib
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .hub import is_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +91,31 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def _stored_as_is(model, model_cfg) -> bool:
-    if not model_cfg.pretrained_path:
-        return False
+def _stored_as_is(model, stored, trust_remote_code: bool) -> bool:
     from transformers import AutoConfig
 
-    stored = AutoConfig.from_pretrained(str(model_cfg.pretrained_path), trust_remote_code=model_cfg.trust_remote_code)
-    return stored.vocab_size == model.get_input_embeddings().num_embeddings
+    config = AutoConfig.from_pretrained(str(stored), trust_remote_code=trust_remote_code)
+    return config.vocab_size == model.get_input_embeddings().num_embeddings
 
 
-def base_reference(model, model_cfg, run_dir, is_main: bool) -> dict:
+def base_reference(model, model_cfg, stored, run_dir, is_main: bool) -> dict:
     """Where the frozen base of this run lives and its hash; call before apply_lora.
 
-    A base that is not stored anywhere as it is (built from scratch, or resized) is saved
-    once to run_dir/lora_base/ by the main process.
+    `stored` is model.pretrained_path's directory (a Hub id's snapshot), or None. A base that
+    is not stored anywhere as it is (built from scratch, or resized) is saved once to
+    run_dir/lora_base/ by the main process.
     """
-    digest = weights_sha256(model)
-    if _stored_as_is(model, model_cfg):
-        path = Path(model_cfg.pretrained_path).expanduser().absolute()
-    else:
-        path = Path(run_dir).absolute() / BASE_DIR
-        if is_main and not (path / "config.json").is_file():
-            model.save_pretrained(str(path))
-            log.info("LoRA: the frozen base is not stored anywhere as it is; saved it once to %s", path)
-    return {"r": model_cfg.lora.r, "base_path": str(path), "base_sha256": digest}
+    ref = {"r": model_cfg.lora.r, "base_sha256": weights_sha256(model)}
+    if stored is not None and _stored_as_is(model, stored, model_cfg.trust_remote_code):
+        ref["base_path"] = str(Path(stored).absolute())
+        if is_hub_id(model_cfg.pretrained_path):
+            ref.update(base_id=model_cfg.pretrained_path, base_revision=model_cfg.revision)
+        return ref
+    path = Path(run_dir).absolute() / BASE_DIR
+    if is_main and not (path / "config.json").is_file():
+        model.save_pretrained(str(path))
+        log.info("LoRA: the frozen base is not stored anywhere as it is; saved it once to %s", path)
+    return {**ref, "base_path": str(path)}
 
 
 def load_base(ref: dict, trust_remote_code: bool = False):
@@ -119,6 +123,8 @@ def load_base(ref: dict, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     path = Path(ref["base_path"])
+    if not (path / "config.json").is_file() and ref.get("base_id"):  # another machine's HF cache: by id
+        path = resolve(ref["base_id"], ref.get("base_revision"), key="the LoRA base").path
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the LoRA base model {path} is gone: the checkpoint holds only the adapters")
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -22,7 +22,7 @@ from .lock import release_run_dirs
 from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
-from .model import build_model, check_block_size, compile_blocks, count_parameters
+from .model import build_model, check_block_size, compile_blocks, count_parameters, pretrained_dir
 from .optim import build_optimizer, choose_optimizer
 from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
@@ -115,7 +115,8 @@ def _run(cfg, early) -> dict:
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
     lora_base = None
     if cfg.model.lora.r > 0:  # freeze the model, train adapters; the base is referenced, not checkpointed
-        lora_base = base_reference(model, cfg.model, run_dir, main)
+        stored = pretrained_dir(cfg.model) if cfg.model.pretrained_path else None  # a Hub id: its snapshot
+        lora_base = base_reference(model, cfg.model, stored, run_dir, main)
         model = apply_lora(model, cfg.model.lora)
     check_run(cfg, model, data.train, data.valid, accelerator.num_processes, run_dir)
     # TF32 matmuls on Ampere and later: ~8x the fp32 FLOP/s for the parts autocast leaves in fp32.

@@ -254,3 +254,32 @@ def test_stale_launch_markers_go_and_nothing_else(tmp_path):
         os.utime(d, (old, old))
     _remove_stale_markers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, "my-project"])
+
+
+@requires_shared
+def test_lora_on_a_hub_id_records_the_snapshot_and_the_id(tmp_path, hub, tiny_corpus, monkeypatch):
+    """The checkpoint names the base by its snapshot, and by id and commit: export and evaluate find
+    it, even from another machine's HF cache (the snapshot path then gone)."""
+    import shutil
+
+    from gptlab.evaluate import main as evaluate
+    from gptlab.export import main as export_main
+
+    commit = cache_tiny_gpt2(hub, "org/tiny-gpt2")
+    data = ["data.source=text", "data.text_unit=file", f"data.files=[{tiny_corpus / 'bisect.py'}]",
+            f"data.valid_files=[{tiny_corpus / 'colorsys.py'}]", "data.block_size=32"]
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # the old code's record: a path under the current directory
+    run_training(smoke(run, tmp_path / "cache", "model.pretrained_path=org/tiny-gpt2", "model.lora.r=4", *data))
+    state = json.loads((run / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    snapshot = hub / "models--org--tiny-gpt2" / "snapshots" / commit
+    assert state["lora"]["base_path"] == str(snapshot) and (snapshot / "config.json").is_file()
+    assert (state["lora"]["base_id"], state["lora"]["base_revision"]) == ("org/tiny-gpt2", commit)
+    assert export_main([str(run / "checkpoints" / "step_0000002"), str(tmp_path / "out")]) == 0
+
+    moved = tmp_path / "other_hf_home"  # the same cache under another HF_HOME, the recorded path gone
+    shutil.move(str(hub.parent), str(moved))
+    monkeypatch.setenv("HF_HOME", str(moved))
+    assert export_main([str(run / "checkpoints" / "step_0000002"), str(tmp_path / "out2")]) == 0
+    scored = evaluate([str(run / "checkpoints" / "step_0000002"), *data, f"cache_dir={tmp_path / 'cache'}"])
+    assert scored["tokens"] > 0

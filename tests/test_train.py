@@ -92,6 +92,50 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, cache_dir):
     assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)
 
 
+KEYTOKEN = ["loss=keytoken", "loss.keywords=[def,return,self,import]", "loss.alpha=0.5", "loss.normalize=true"]
+
+
+def test_normalised_keytoken_loss_is_the_same_however_the_batch_is_split(tmp_path, cache_dir, one_thread):
+    """loss.normalize divides by the mean weight of the whole optimizer step, not of each micro-batch:
+    4 micro-batches of 2 equal one batch of 8 (the loss logged and the weights, to 1e-5)."""
+    common = [*KEYTOKEN, "optim=adamw", "trainer.max_steps=3", "trainer.log_every=1", "trainer.max_grad_norm=0",
+              "optim.eps=1e-3", "trainer.sample_prompts=[]"]
+    run_training(smoke(tmp_path / "accum", cache_dir, *common, "trainer.micro_batch_size=2", "trainer.grad_accum=4"))
+    run_training(smoke(tmp_path / "big", cache_dir, *common, "trainer.micro_batch_size=8", "trainer.grad_accum=1"))
+    a, b = series(read_metrics(tmp_path / "accum"), "train/loss"), series(read_metrics(tmp_path / "big"), "train/loss")
+    assert [s for s, _ in a] == [1, 2, 3] and all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
+    wa, wb = final_weights(tmp_path / "accum"), final_weights(tmp_path / "big")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_normalised_keytoken_loss_on_two_processes_equals_one_to_the_gradient_scale(tmp_path, cache_dir):
+    """2 processes x 2 micro-batches against 1 x 4, the same global batch of 8. AdamW with eps=1 makes
+    the update proportional to the gradient itself, not to its sign: a gradient off by any constant
+    factor on one path (the averaging over processes, the micro-step scaling) would show here."""
+    import os
+
+    from conftest import free_port
+
+    common = [f"cache_dir={cache_dir}", "debug=smoke", *KEYTOKEN, "optim=adamw", "optim.eps=1.0", "optim.lr=0.5",
+              "optim.weight_decay=0", "trainer.max_steps=3", "trainer.log_every=1", "trainer.max_grad_norm=0",
+              "trainer.micro_batch_size=2", "trainer.sample_prompts=[]"]
+    run_training([f"run_dir={tmp_path / 'one'}", *common, "trainer.grad_accum=4"])
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--main_process_port", str(free_port()), str(ROOT / "train.py"),
+                           f"run_dir={tmp_path / 'two'}", *common, "trainer.grad_accum=2"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in (tmp_path / "two" / "train.log").read_text()
+    a, b = series(read_metrics(tmp_path / "one"), "train/loss"), series(read_metrics(tmp_path / "two"), "train/loss")
+    assert [s for s, _ in b] == [1, 2, 3] and all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
+    wa, wb, init = final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), None
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
 def test_loss_falls_when_overfitting_a_tiny_corpus(tmp_path, cache_dir, tiny_corpus):
     run_training(smoke(tmp_path, cache_dir, f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
                        "tokenizer.vocab_size=384", "trainer.max_steps=300", "trainer.log_every=10",

@@ -1,6 +1,8 @@
 """What the benches share: gptlab's real config and its real run(), timed from its own metrics."""
 import json
 import os
+import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -23,6 +25,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_json_option(parser, name: str) -> None:
+    """--json, by default bench/results/NAME.json: the raw results a RESULTS.md table is read from."""
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / f"{name}.json",
+                        help=f"where the raw results go (default: bench/results/{name}.json, committed "
+                        "beside the table in bench/RESULTS.md)")
+
+
+def write_json(path, summary: dict) -> None:
+    """The raw results with what re-derives them: the exact command, the machine, the versions."""
+    import torch
+
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    header = {"command": shlex.join(["python", script, *sys.argv[1:]]),
+              "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({**header, **summary}, indent=2, default=str) + "\n")
 
 
 def compose(overrides=()):
@@ -48,15 +71,19 @@ class StepClock:
     """
 
     def __init__(self):
-        self.marks = {}
+        self.marks, self.threads = {}, set()
 
     def stamp(self, step: int) -> None:
+        import torch
+
         self.marks[step] = (time.perf_counter(), time.process_time())
+        self.threads.add(torch.get_num_threads())  # what the timed steps really ran on
 
     def rates(self, tokens_per_step: int, first: int, last: int) -> dict:
         (w0, c0), (w1, c1) = self.marks[first], self.marks[last]
         tokens = tokens_per_step * (last - first)
-        return {"tokens_per_s": tokens / (w1 - w0), "tokens_per_cpu_s": tokens / (c1 - c0)}
+        return {"tokens_per_s": tokens / (w1 - w0), "tokens_per_cpu_s": tokens / (c1 - c0),
+                "threads": sorted(self.threads)}
 
 
 def matmul_peak(n: int = 1024, seconds: float = 1.0) -> dict:

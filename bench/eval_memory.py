@@ -20,9 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results" / "eval_memory.json"
+from common import add_json_option, write_json
 ARMS = ("train", "eval", "eval_logits")
 
 
@@ -71,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block", type=int, default=1024)
+    add_json_option(ap, "eval_memory")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -85,9 +84,7 @@ def main() -> None:
             sys.exit(f"{arm}: {proc.stderr[-3000:]}")
         rows.append(json.loads(line[7:]))
         print(json.dumps(rows[-1]), flush=True)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": f"python bench/eval_memory.py --batch {args.batch} --block "
-                                              f"{args.block}", "rows": rows}, indent=1) + "\n")
+    write_json(args.json, {"rows": rows})
     train = rows[0]["above_base_mb"]
     print(f"\n| arm (GPT-2 124M, B={args.batch}, T={args.block}, {rows[0]['device']}) | peak above the model MB | "
           f"x the training step | seconds |")

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import as_overrides, print_result, run_gptlab
+from common import add_json_option, as_overrides, print_result, run_gptlab, write_json
 
 GPT2_VOCAB = 50257
 
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model with a 512 vocab, for CPU tests")
     p.add_argument("--override", action="append", default=[], help="any further Hydra override")
-    p.add_argument("--json", help="also write the result here")
+    add_json_option(p, "gpu")
     args = p.parse_args()
     if args.steps % args.warmup_steps or args.steps <= args.warmup_steps:
         p.error("--steps must be a larger multiple of --warmup-steps")
@@ -83,8 +83,7 @@ def main() -> None:
           f"(median of the loop's train/mfu after {args.warmup_steps} steps)"
           + (f", peak memory {peak:.1f} GiB" if peak is not None else ""), flush=True)
     print_result(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from common import print_result
+from common import add_json_option, print_result, write_json
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", help="also write the result here")
+    add_json_option(p, "liger_loss")
     args = p.parse_args()
 
     import torch
@@ -96,8 +96,7 @@ def main() -> None:
     result = {"device": device.type, "dtype": args.dtype, "tokens": args.tokens, "dim": args.dim,
               "vocab": args.vocab, "rows": rows, "liger": liger is not None}
     print_result(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, as_overrides, compose, free_port, print_result
+from common import ROOT, add_json_option, as_overrides, compose, free_port, print_result, write_json
 
 # name: (accelerate launch arguments, train.py overrides). One line adds a configuration.
 CONFIGS = {
@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps; tokens/s is timed after the first")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model with a 512 vocab, for CPU tests")
     p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--json", help="also write the results here")
+    add_json_option(p, "memory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
@@ -166,8 +166,7 @@ def main() -> None:
               f"{r['speed_ratio']:>7.2f}", flush=True)
     summary = {"device": device, "settings": vars(args), "results": results}
     print_result(summary)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

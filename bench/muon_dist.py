@@ -18,10 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results" / "muon_dist.json"
-from common import free_port  # noqa: E402
+from common import ROOT, add_json_option, free_port, write_json
 
 
 def gpt2_matrices(layers: int, width: int = 768):
@@ -76,6 +73,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--steps", type=int, default=3)
+    add_json_option(ap, "muon_dist")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -88,9 +86,7 @@ def main() -> None:
     if line is None:
         sys.exit(proc.stderr[-3000:])
     result = json.loads(line[7:])
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": f"python bench/muon_dist.py --layers {args.layers} --processes "
-                                              f"{args.processes} --threads {args.threads}", **result}, indent=1) + "\n")
+    write_json(args.json, result)
     base = result["seconds_per_step"]["every process, whole matrices"]
     print(f"\n| Muon step, {result['matrices']} matrices, {result['processes']} processes | seconds per step | x |")
     print("|---|---|---|")

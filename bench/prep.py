@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_json_option, write_json
+
 SHARED = ROOT.parent / "shared" / "data"
 VARIANTS = ("encode", "seed", "gptlab", "gptlab_cached")
 
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--max-bytes", type=int, default=0, help="use only the first N bytes (0: all)")
     ap.add_argument("--fractions", default="1", help="corpus sizes as fractions of the file, e.g. 0.25,1")
     ap.add_argument("--repeat", type=int, default=1, help="runs per variant; the fastest is reported")
+    add_json_option(ap, "prep")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -142,6 +144,8 @@ def main() -> None:
                 shutil.rmtree(work, ignore_errors=True)
             for variant in VARIANTS:
                 rows.append({"fraction": fraction, **best[variant]})
+    write_json(args.json, {"file": args.file.name, "tokenizer": args.tokenizer.name, "repeat": args.repeat,
+                           "rows": rows})
     enc = {r["fraction"]: r["mb_per_s"] for r in rows if r["variant"] == "encode"}
     print(f"file: {args.file.name} ({full / 1e6:.2f} MB), tokenizer: {args.tokenizer.name}, "
           f"best of {args.repeat}, {os.cpu_count()} CPUs")

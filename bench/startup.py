@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_json_option, write_json
 # A log line that starts with this text marks the end of the stage named after it.
 STAGES = {"run directory": "imports, Hydra, Accelerator", "data:": "data (cached)",
           "GPT-2 with": "model built", "global batch": "accelerator.prepare", "MFU:": "peak FLOP/s measured"}
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[], help="Hydra override for every run")
     p.add_argument("--launchers", default="python,accelerate", help="comma-separated: python, accelerate")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--json", help="also write the results here")
+    add_json_option(p, "startup")
     args = p.parse_args()
 
     bin_dir = Path(sys.executable).parent
@@ -109,8 +109,7 @@ def main() -> None:
         med = {k: statistics.median(m[k] for m in runs if k in m) for k in runs[0]}
         summary["median_s"][name] = med
         print(f"  {name:10s} " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

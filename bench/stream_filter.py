@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_json_option, compose, write_json
+
 SHARED = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "results" / "stream_filter.json"
 SHARD_MB = 20
 
 
@@ -48,10 +48,7 @@ def write_repo(root: Path, megabytes: int) -> int:
 
 
 def run_variant(repo: Path, valid: Path, streaming: bool, work: Path) -> dict:
-    sys.path.insert(0, str(ROOT))
     from gptlab.data.prepare import prepare
-
-    from common import compose
 
     cfg = compose(["experiment=codeparrot", f"data.builder={repo}", f"data.valid_builder={valid}",
                    f"data.streaming={str(streaming).lower()}", f"tokenizer.path={SHARED / 'tokenizers' / 'gpt2'}"])
@@ -67,6 +64,7 @@ def run_variant(repo: Path, valid: Path, streaming: bool, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="40,160", help="source sizes in MB")
+    add_json_option(ap, "stream_filter")
     ap.add_argument("--worker", nargs=4, metavar=("REPO", "VALID", "STREAMING", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -95,9 +93,7 @@ def main() -> None:
                     sys.exit(out.stderr[-3000:])
                 rows.append({"source_mb": source_mb, **json.loads(line[7:])})
                 print(json.dumps(rows[-1]), flush=True)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python bench/stream_filter.py --sizes " + args.sizes,
-                                   "rows": rows}, indent=1) + "\n")
+    write_json(args.json, {"rows": rows})
     print("\n| source MB | streaming | kept / read documents | seconds | peak RSS MB | written to cache MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -9,7 +9,9 @@ The Trainer arm: `Trainer` with default_data_collator and GPT2Config defaults ot
 300 steps. Its held-out loss after those steps is the target L*. It too is evaluated every
 --eval-every steps (time left out), and `trainer-bf16` is the same Trainer with
 TrainingArguments(bf16=True), the like-for-like rival of the bf16 gptlab arms (run by
-default only where bf16 matmul is native: a GPU, or a CPU with AVX512-BF16 or AMX).
+default only where bf16 matmul is native: a GPU, or a CPU with AVX512-BF16 or AMX); it is
+evaluated under the same bf16 autocast as gptlab's bf16 arms. Every arm runs on the same
+number of torch threads (--threads, by default gptlab's choice), checked at every step.
 
 Each gptlab arm (gptlab's real run(), bench/common.py) evaluates on the whole held-out
 split every --eval-every steps; it reports the training seconds (evaluation excluded)
@@ -37,8 +39,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import RESULT, as_overrides, compose, gptlab_run, print_result
-from gptlab.distributed import fast_cpu_precision
+from common import RESULT, add_json_option, as_overrides, compose, gptlab_run, print_result, write_json
+from gptlab.distributed import cpu_threads_per_process, fast_cpu_precision
 from train_vs_trainer import WAR_AND_PEACE, make_trainer
 
 SHAPE = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.n_positions": 256,
@@ -107,13 +109,14 @@ def load_data(args):
     return prepare(compose(data_overrides(args)), Path(args.cache_dir).expanduser(), show_progress=not args.worker)
 
 
-def held_out_loss(model, data, batch_size: int) -> float:
-    """gptlab's own evaluate() on the whole held-out split, for a model trained anywhere."""
-    import torch
+def held_out_loss(model, data, batch_size: int, bf16: bool) -> float:
+    """gptlab's own evaluate() on the whole held-out split, for a model trained anywhere; bf16:
+    under the autocast gptlab's bf16 arms evaluate with (Accelerator(mixed_precision="bf16"))."""
     from gptlab.evaluate import evaluate
 
-    one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0,
-                                  reduce=lambda t, reduction: t, autocast=contextlib.nullcontext)
+    autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    one_process = SimpleNamespace(device=model.device, num_processes=1, process_index=0,
+                                  reduce=lambda t, reduction: t, autocast=autocast)
     return evaluate(model, data.valid, batch_size, one_process)["eval/loss"]
 
 
@@ -126,7 +129,7 @@ def run_trainer(args, bf16: bool = False) -> dict:
 
     data, sh = load_data(args), shape(args)
     batch = sh["trainer.micro_batch_size"]
-    curve, spent = [], {"wall": 0.0, "cpu": 0.0}
+    curve, spent, threads = [], {"wall": 0.0, "cpu": 0.0}, set()
 
     class Clocked(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kw):
@@ -135,9 +138,10 @@ def run_trainer(args, bf16: bool = False) -> dict:
         def on_step_end(self, targs, state, control, model=None, **kw):
             spent["wall"] += time.perf_counter() - self.since[0]
             spent["cpu"] += time.process_time() - self.since[1]
+            threads.add(torch.get_num_threads())
             if state.global_step % args.eval_every == 0:
                 curve.append({"step": state.global_step, "train_s": spent["wall"], "train_cpu_s": spent["cpu"],
-                              "eval_loss": held_out_loss(model, data, batch)})
+                              "eval_loss": held_out_loss(model, data, batch, bf16)})
             self.since = time.perf_counter(), time.process_time()
 
     model_kw = {"n_positions": sh["model.n_positions"], "n_embd": sh["model.n_embd"], "n_layer": sh["model.n_layer"],
@@ -149,22 +153,23 @@ def run_trainer(args, bf16: bool = False) -> dict:
         trainer.train()
     tokens = batch * sh["data.block_size"] * args.steps
     return {"curve": curve, "train_s": spent["wall"], "train_cpu_s": spent["cpu"],
-            "tokens_per_s": tokens / spent["wall"], "final_loss": curve[-1]["eval_loss"]}
+            "tokens_per_s": tokens / spent["wall"], "final_loss": curve[-1]["eval_loss"], "threads": sorted(threads)}
 
 
 def run_gptlab_arm(args, overrides: list) -> dict:
     """Held-out loss every eval_every steps, against training time with evaluation left out."""
-    marks = []  # (step, what, wall, cpu)
+    marks, threads = [], set()  # (step, what, wall, cpu, eval loss)
 
     def on_log(metrics, step):
         what = "start" if metrics is None else "eval" if "eval/loss" in metrics else "train"
         marks.append((step, what, time.perf_counter(), time.process_time(), (metrics or {}).get("eval/loss")))
+        threads.add(torch.get_num_threads())
 
     sh = shape(args)
-    threads = [f"trainer.cpu_threads={args.threads}"] if args.threads else []
-    gptlab_run(load_data(args), [*data_overrides(args), *threads, *overrides, f"trainer.max_steps={args.steps}",
-                                 f"trainer.eval_every={args.eval_every}", f"trainer.log_every={args.eval_every}",
-                                 "trainer.save_every=0", "trainer.sample_prompts=[]"], on_log)
+    cfg, _ = gptlab_run(load_data(args), [
+        *data_overrides(args), f"trainer.cpu_threads={args.threads}", *overrides, f"trainer.max_steps={args.steps}",
+        f"trainer.eval_every={args.eval_every}", f"trainer.log_every={args.eval_every}", "trainer.save_every=0",
+        "trainer.sample_prompts=[]"], on_log)
     # Training time runs from the start (or the end of an evaluation) to the next train log,
     # which the loop writes right before it evaluates at the same step.
     curve, wall, cpu, since = [], 0.0, 0.0, marks[0]
@@ -176,10 +181,12 @@ def run_gptlab_arm(args, overrides: list) -> dict:
             since = mark
     tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * args.steps
     return {"curve": curve, "train_s": wall, "train_cpu_s": cpu, "tokens_per_s": tokens / wall,
-            "final_loss": curve[-1]["eval_loss"]}
+            "final_loss": curve[-1]["eval_loss"], "threads": sorted(threads),
+            "mixed_precision": cfg.trainer.mixed_precision, "optimizer": cfg.optim.name}
 
 
 def worker(args) -> None:
+    torch.set_num_threads(args.threads)  # the Trainer's; gptlab's run() sets trainer.cpu_threads
     name = args.worker
     print_result(run_trainer(args, bf16=name == "trainer-bf16") if name in TRAINER_ARMS
                  else run_gptlab_arm(args, arm_overrides(name)))
@@ -195,8 +202,8 @@ def arm_overrides(arm: str) -> list:
 def spawn(arm: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--cache-dir", str(args.cache_dir),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every), *(["--tiny"] if args.tiny else []),
-           *(["--threads", str(args.threads)] if args.threads else [])]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+           "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:
@@ -226,9 +233,9 @@ def main() -> None:
     p.add_argument("--cache-dir", default="~/.cache/gptlab")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide model, block 64, batch 4, vocab 512 "
                    "(the CI-sized run; a cheap full run on a loaded machine)")
-    p.add_argument("--threads", type=int, help="torch threads for every arm (default: torch's, gptlab's choice); "
-                   "1 is steadier on a machine shared with other jobs")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--threads", type=int, help="torch threads for every arm (default: the physical cores, "
+                   "gptlab's choice); 1 is steadier on a machine shared with other jobs")
+    add_json_option(p, "time_to_quality")
     p.add_argument("--no-trainer", action="store_true", help="only the gptlab arms (combine with --summarize)")
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="no runs: one table from the runs in these "
                    "--json files, the Trainer's among them (with their --steps and --eval-every)")
@@ -240,6 +247,7 @@ def main() -> None:
         return worker(args)
     if not Path(args.text).is_file():
         sys.exit(f"{args.text} not found: the bench needs the shared War and Peace text (--text)")
+    args.threads = args.threads or cpu_threads_per_process()
     if args.summarize:
         results = merge(args.summarize)
         return summarize(results, args.steps, args.eval_every, args.json)
@@ -254,15 +262,17 @@ def main() -> None:
             p.error(f"--arm {arm}: this CPU has no native bf16 matmul (emulated, far slower); leave bf16 arms out")
     load_data(args)  # the tokenizer and token cache, once; the arms find them cached
     print(f"{len(arms)} arms x {args.repeats} rounds, {args.steps} steps, held-out eval every {args.eval_every}, "
-          f"threads {args.threads or 'default'}; "
+          f"{args.threads} threads; "
           f"load average {load()}", flush=True)
     results = {arm: [] for arm in arms}
     for r in range(args.repeats):
         for arm in arms if r % 2 == 0 else arms[::-1]:
             res = spawn(arm, args)
+            if res["threads"] != [args.threads]:
+                sys.exit(f"arm {arm} ran on {res['threads']} threads, not {args.threads}")
             results[arm].append(res)
-            if args.json:  # after every arm: a long bench loses nothing to a crash or a kill
-                Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
+            # after every arm: a long bench loses nothing to a crash or a kill
+            write_json(args.json, {"threads": args.threads, "results": results})
             print(f"  round {r + 1} {arm:28s} {res['train_s']:7.1f} s training ({res['train_cpu_s']:7.1f} CPU-s) "
                   f"{res['tokens_per_s']:6.0f} tok/s  held-out loss {res['final_loss']:.4f}  load {load()}",
                   flush=True)
@@ -272,7 +282,7 @@ def main() -> None:
     print(f"load average at the end {load()}")
 
 
-def summarize(results: dict, steps: int, eval_every: int, json_path=None) -> None:
+def summarize(results: dict, steps: int, eval_every: int, json_path) -> None:
     """L* and the Trainer's seconds per round; each arm's ratio within its round (its i-th run
     against the Trainer's i-th)."""
     arms = list(results)
@@ -301,8 +311,7 @@ def summarize(results: dict, steps: int, eval_every: int, json_path=None) -> Non
               f"Trainer ({row['cpu_ratio']:.2f}x in CPU-s)" if "ratio" in row else
               "trainer (the target)" if arm == "trainer" else "never reached L*")
         print(f"  {arm:28s} {row['tokens_per_s']:6.0f} tok/s  final held-out {row['final_loss']:.4f}  {at}")
-    if json_path:
-        Path(json_path).write_text(json.dumps(summary, indent=2))
+    write_json(json_path, summary)
 
 
 def merge(paths: list) -> dict:

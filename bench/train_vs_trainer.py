@@ -5,14 +5,18 @@ War and Peace tokens, the same AdamW, LR schedule, clipping and number of steps.
 Each arm runs in a fresh process, interleaved A B A B, so a neighbour that loads the
 machine for a while slows both arms alike; the summary gives medians.
 
-    python bench/train_vs_trainer.py                     # gptlab, trainer: 3 rounds of 60 steps
-    python bench/train_vs_trainer.py --threads 1 --arm gptlab --arm trainer --arm trainer:gelu_pytorch_tanh
+    python bench/train_vs_trainer.py                     # gptlab and both Trainers: 3 rounds of 60 steps
+    python bench/train_vs_trainer.py --threads 1 --arm gptlab --arm trainer
     python bench/train_vs_trainer.py --arm gptlab --arm gptlab:trainer.compile=true
     python bench/train_vs_trainer.py --arm gptlab --arm gptlab-fused_loss   # without one optimisation
 
 The Trainer arm builds the model as the seeds do, from a GPT2Config of the same shape,
 whose default activation is "gelu_new"; `trainer:gelu_pytorch_tanh` gives it the same
-tanh GELU in one kernel that gptlab's models use, so both run the identical model.
+tanh GELU in one kernel that gptlab's models use, so both run the identical model: the
+like-for-like rival. gptlab over `trainer` (the headline) counts the loop, the fused head
++ loss and the one-kernel GELU; over `trainer:gelu_pytorch_tanh`, the loop and the fused
+head + loss alone. Every arm runs on the same number of torch threads (--threads, by
+default gptlab's choice: the physical cores), checked where the steps are timed.
 
 Throughput counts the steps after the first `--warmup-steps` (allocator and thread
 pool warm-up), timed where gptlab's loop logs and by a Trainer callback at the same
@@ -30,7 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULT, ROOT, StepClock, as_overrides, compose, matmul_peak, print_result, run_gptlab
+from common import (RESULT, ROOT, StepClock, add_json_option, as_overrides, compose, matmul_peak, print_result,
+                    run_gptlab, write_json)
 
 WAR_AND_PEACE = ROOT.parent / "shared" / "data" / "tolstoy" / "war_and_peace.txt"
 # The model and optimisation both arms share (gptlab's config names).
@@ -87,13 +92,14 @@ def _foreach_adamw():
 
 
 ABLATIONS = {"fused_loss": _logits_loss, "tanh_gelu": _gelu_new, "fused_adamw": _foreach_adamw}
+SAME_MODEL = "trainer:gelu_pytorch_tanh"  # the Trainer on gptlab's exact model: the like-for-like arm
 
 
 def run_gptlab_arm(args, extra: list, without: str = "") -> dict:
     for name in filter(None, without.split("-")):
         ABLATIONS[name]()
-    return run_gptlab(load_data(args), [*as_overrides(COMMON), *data_overrides(args), *extra], args.steps,
-                      args.warmup_steps)
+    return run_gptlab(load_data(args), [*as_overrides(COMMON), *data_overrides(args),
+                                        f"trainer.cpu_threads={args.threads}", *extra], args.steps, args.warmup_steps)
 
 
 # --- arm B: the Trainer with default_data_collator, as the seeds use it (run_clm style) ---
@@ -155,6 +161,9 @@ def run_trainer(args, extra: list) -> dict:
 # --- the driver ---
 
 def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)  # the Trainer's; gptlab's run() sets trainer.cpu_threads
     kind, _, extra = args.worker.partition(":")
     kind, _, without = kind.partition("-")
     extra = [e for e in extra.split(",") if e]
@@ -164,10 +173,8 @@ def worker(args) -> None:
 def spawn(arm: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--vocab-size", str(args.vocab_size),
            "--cache-dir", str(args.cache_dir), "--steps", str(args.steps),
-           "--warmup-steps", str(args.warmup_steps)]
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+           "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:
@@ -196,8 +203,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default="~/.cache/gptlab")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--threads", type=int, help="torch threads for every arm and the peak measurement "
-                   "(default: torch's choice); 1 is steadier on a machine shared with other jobs")
-    p.add_argument("--json", help="also write the results here")
+                   "(default: the physical cores, gptlab's choice); 1 is steadier on a machine shared with other jobs")
+    add_json_option(p, "train_vs_trainer")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps % args.warmup_steps or args.steps <= args.warmup_steps:
@@ -208,10 +215,11 @@ def main() -> None:
         sys.exit(f"{args.text} not found: the bench needs the shared War and Peace text (--text)")
 
     import torch
+    from gptlab.distributed import cpu_threads_per_process
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    arms = args.arm or ["gptlab", "trainer"]
+    args.threads = args.threads or cpu_threads_per_process()
+    torch.set_num_threads(args.threads)
+    arms = args.arm or ["gptlab", "trainer", SAME_MODEL]
     fpt = flops_per_token(args)  # prepares the data (once; the arms find it cached)
     print(f"{len(arms)} arms x {args.repeats} repeats, {args.steps} steps ({args.warmup_steps} untimed), "
           f"{torch.get_num_threads()} threads, {fpt / 1e6:.1f} MFLOPs per token", flush=True)
@@ -226,6 +234,9 @@ def main() -> None:
                   f"  (matmul {peaks[-1]['flops'] / 1e9:.0f} GFLOP/s, {peaks[-1]['flops_per_cpu_s'] / 1e9:.0f} "
                   f"GFLOP/CPU-s)  loss {res['final_loss']:.3f}", flush=True)
 
+    ran_on = {arm: sorted({t for r in rows for t in r["threads"]}) for arm, rows in results.items()}
+    if any(t != [args.threads] for t in ran_on.values()):
+        sys.exit(f"the arms did not all run on {args.threads} threads: {ran_on}")
     # One peak for every run: the best matmul seen, so MFU is never flattered by a slow moment.
     peak = {k: max(p[k] for p in peaks) for k in ("flops", "flops_per_cpu_s")}
     summary = {"flops_per_token": fpt, "threads": torch.get_num_threads(), "peak": peak, "arms": {}}
@@ -237,17 +248,16 @@ def main() -> None:
                                 "cpu_mfu": tpc * fpt / peak["flops_per_cpu_s"], "runs": rows}
         print(f"  {arm:40s} {tps:6.0f} tok/s (MFU {tps * fpt / peak['flops']:4.0%})  "
               f"{tpc:6.0f} tok/CPU-s (MFU {tpc * fpt / peak['flops_per_cpu_s']:4.0%})")
-    if "trainer" in results:
-        for arm in arms:
-            if arm != "trainer":
-                ratio = {k: statistics.median(a[k] / b[k] for a, b in zip(results[arm], results["trainer"]))
-                         for k in ("tokens_per_s", "tokens_per_cpu_s")}
-                summary["arms"][arm]["ratio_vs_trainer"] = ratio["tokens_per_s"]
-                summary["arms"][arm]["cpu_ratio_vs_trainer"] = ratio["tokens_per_cpu_s"]
-                print(f"  {arm} / trainer (median of the rounds' ratios): {ratio['tokens_per_s']:.2f}x in tok/s, "
-                      f"{ratio['tokens_per_cpu_s']:.2f}x in tok/CPU-s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    # Each gptlab arm against each Trainer: the seeds' model (the headline) and the same model.
+    for base, key in (("trainer", "vs_trainer"), (SAME_MODEL, "vs_same_model")):
+        for arm in [a for a in arms if a in results and not a.startswith("trainer")] if base in results else []:
+            ratio = {k: statistics.median(a[k] / b[k] for a, b in zip(results[arm], results[base]))
+                     for k in ("tokens_per_s", "tokens_per_cpu_s")}
+            summary["arms"][arm][f"ratio_{key}"] = ratio["tokens_per_s"]
+            summary["arms"][arm][f"cpu_ratio_{key}"] = ratio["tokens_per_cpu_s"]
+            print(f"  {arm} / {base} (median of the rounds' ratios): {ratio['tokens_per_s']:.2f}x in tok/s, "
+                  f"{ratio['tokens_per_cpu_s']:.2f}x in tok/CPU-s")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list
+from tqdm.auto import tqdm
 
 from .errors import ConfigError, RunDirBusyError
 from .lock import lock_run_dir
@@ -304,6 +305,16 @@ class EarlyLogs(logging.Handler):
                     print(f"warning: {r.getMessage()}", file=sys.stderr)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Console lines printed above tqdm's progress bar (cleared, then redrawn), never into it."""
+
+    def emit(self, record) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(run_dir: Path, is_main: bool, early: EarlyLogs | None = None) -> None:
     """Main process: INFO to the console and run_dir/train.log. Others: warnings only. What the run
     logged before (`early`) comes first."""
@@ -313,7 +324,7 @@ def setup_logging(run_dir: Path, is_main: bool, early: EarlyLogs | None = None) 
         if isinstance(h, logging.FileHandler):
             h.close()  # a multirun's next job must not keep writing the previous job's train.log
     fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers = [ConsoleHandler(sys.stderr)]
     if is_main:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     for h in handlers:

@@ -4,7 +4,9 @@ The lock is a `flock` on an open file, so the kernel drops it when its process d
 any way (SIGKILL, OOM, a lost node's NFS lease expiring): a dead owner never blocks
 `resume=auto`. The file also names the owner (host, pid, start time) for the message
 a second run stops with. A process may take the lock of a directory it already holds
-(a run resumed in the same process, as the tests do).
+(a run resumed in the same process, as the tests do). The owner removes the file when it
+lets go, so a finished run leaves none behind; a process that opened the file just before
+it went checks, once locked, that it holds the file still at that path.
 """
 import fcntl
 import json
@@ -27,6 +29,9 @@ def lock_run_dir(run_dir: Path) -> None:
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not path.exists() or path.stat().st_ino != os.fstat(f.fileno()).st_ino:
+            f.close()  # the owner removed it between our open and our lock: take the new one
+            return lock_run_dir(run_dir)
     except BlockingIOError:
         f.seek(0)
         try:
@@ -48,5 +53,6 @@ def lock_run_dir(run_dir: Path) -> None:
 def release_run_dirs() -> None:
     """Let go of every run directory this process holds (the end of a run, or its failure)."""
     while _held:
-        _, f = _held.popitem()
+        path, f = _held.popitem()
+        path.unlink(missing_ok=True)  # while still locked, so no one takes a file about to go
         f.close()  # closing the only descriptor drops the flock

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,17 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer.path: {path} is not a directory")
+        raise MissingPathError(f"tokenizer.path={path}: no such directory")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
-            raise ValueError(f"tokenizer.path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+            raise ConfigError(f"tokenizer.path={path}: cannot load a tokenizer there: {str(e).splitlines()[0]}") from e
         log.info("AutoTokenizer cannot load %s (%s); loading vocab.json + merges.txt as GPT-2 BPE",
                  path, str(e).splitlines()[0])
         tok = GPT2TokenizerFast.from_pretrained(str(path))
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer in {path} has no eos token; gptlab separates documents with it")
+        raise ConfigError(f"tokenizer.path={path}: the tokenizer has no eos token; gptlab separates documents with it")
     base = tok.backend_tokenizer.get_vocab_size(with_added_tokens=False)
     if tok.eos_token_id >= base:
         log.warning("the eos token %r of %s is not in its vocabulary and was added as id %d: a pretrained "

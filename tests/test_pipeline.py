@@ -333,11 +333,13 @@ def test_load_gpt2_and_rugpt3(caplog):
 
 
 def test_tokenizer_errors_hash_and_vocab_check(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.path: .*missing is not a directory"):
+    from gptlab.errors import ConfigError, MissingPathError
+
+    with pytest.raises(MissingPathError, match="^tokenizer.path=.*missing: no such directory$"):
         load_tokenizer(tmp_path / "missing")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("no tokenizer here")
-    with pytest.raises(ValueError, match="tokenizer.path: cannot load a tokenizer from .*junk"):
+    with pytest.raises(ConfigError, match="^tokenizer.path=.*junk: cannot load a tokenizer there"):
         load_tokenizer(tmp_path / "junk")
     tok = train_bpe(make_docs(20), 300, 1, ["<|endoftext|>"])
     tok.save_pretrained(str(tmp_path / "tok"))
@@ -401,7 +403,8 @@ def test_bench_prep_runs_on_a_slice(tmp_path):
     (tmp_path / "corpus.txt").write_text(text)
     train_bpe([text], 400, 1, ["<|endoftext|>"]).save_pretrained(str(tmp_path / "tok"))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prep.py"), "--file", str(tmp_path / "corpus.txt"),
-                           "--tokenizer", str(tmp_path / "tok"), "--max-bytes", "100000"],
+                           "--tokenizer", str(tmp_path / "tok"), "--max-bytes", "100000",
+                           "--json", str(tmp_path / "prep.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"\| [\d.]+ \| \w+ \|", line)]
@@ -409,3 +412,5 @@ def test_bench_prep_runs_on_a_slice(tmp_path):
     for row in rows:
         mb, seconds, mb_s, _, tokens, peak = (float(row[i]) for i in (0, 2, 3, 4, 5, 6))
         assert 0.05 < mb <= 0.1 and seconds > 0 and mb_s > 0 and tokens > 1000 and peak > 10, row
+    raw = json.loads((tmp_path / "prep.json").read_text())  # the raw rows behind the table
+    assert [r["variant"] for r in raw["rows"]] == [r[1].strip() for r in rows] and "--max-bytes 100000" in raw["command"]

@@ -61,3 +61,35 @@ def test_the_launch_file_the_readme_gives_is_quiet(caplog):
         launch._validate_launch_command(parser.parse_args(
             ["--config_file", str(ROOT / "launch" / "accelerate" / "cpu.yaml"), "train.py"]))
     assert "not passed" not in caplog.text
+
+
+def test_log_lines_print_above_the_progress_bar_not_into_it(tmp_path):
+    """A line logged mid-run starts a line of its own: the bar is cleared, the line printed, the bar redrawn."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from gptlab.distributed import setup_logging
+
+    console = io.StringIO()
+    root, before = logging.getLogger(), logging.getLogger().handlers[:]
+    try:
+        setup_logging(tmp_path, is_main=True)
+        console_handler = next(h for h in root.handlers if not isinstance(h, logging.FileHandler))
+        console_handler.setStream(console)
+        with tqdm(total=4, desc="train", file=console, mininterval=0) as bar:
+            bar.update(1)
+            logging.getLogger("gptlab.loop").info("step 1: loss 10.8")
+            bar.update(1)
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+            h.close()
+        for h in before:
+            root.addHandler(h)
+    text = console.getvalue()
+    at = text.index("step 1: loss 10.8")
+    line_start = text.rfind("[", 0, at)  # the formatter's "[HH:MM:SS INFO gptlab.loop] "
+    assert text[line_start - 1] in "\r\n", repr(text[max(0, line_start - 40):at])
+    assert "train:  50%" in text[at:]  # the bar came back below the line
+    assert "step 1: loss 10.8" in (tmp_path / "train.log").read_text()

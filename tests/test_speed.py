@@ -3,6 +3,7 @@ and the benches in CI size (they must run and give positive numbers; speed itsel
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -310,16 +311,20 @@ def test_train_vs_trainer_bench_runs(tmp_path):
     out, text = tmp_path / "bench.json", tmp_path / "war_and_peace_start.txt"
     text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")
     stdout = run_bench(ROOT / "bench" / "train_vs_trainer.py", "--steps", 4, "--warmup-steps", 2, "--repeats", 1,
-                       "--vocab-size", 1024, "--cache-dir", tmp_path, "--text", text, "--json", out)
+                       "--vocab-size", 1024, "--cache-dir", tmp_path, "--text", text, "--threads", 1, "--json", out)
     summary = json.loads(out.read_text())
+    assert summary["command"].startswith("python bench/train_vs_trainer.py --steps 4 ")
     assert summary["peak"]["flops"] > 0 and summary["peak"]["flops_per_cpu_s"] > 0
     assert summary["flops_per_token"] > 0
-    for arm in ("gptlab", "trainer"):
+    assert list(summary["arms"]) == ["gptlab", "trainer", "trainer:gelu_pytorch_tanh"]  # the like-for-like arm too
+    for arm, row in summary["arms"].items():
         for key in ("tokens_per_s", "mfu", "tokens_per_cpu_s", "cpu_mfu"):
-            assert summary["arms"][arm][key] > 0, (arm, key)
-    assert summary["arms"]["gptlab"]["runs"][0]["logged_mfu"] > 0
-    assert summary["arms"]["gptlab"]["ratio_vs_trainer"] > 0
-    assert "gptlab / trainer" in stdout
+            assert row[key] > 0, (arm, key)
+        assert row["runs"][0]["threads"] == [1], arm  # --threads pins every arm, gptlab's too
+    gptlab = summary["arms"]["gptlab"]
+    assert gptlab["runs"][0]["logged_mfu"] > 0
+    assert gptlab["ratio_vs_trainer"] > 0 and gptlab["ratio_vs_same_model"] > 0
+    assert "gptlab / trainer (" in stdout and "gptlab / trainer:gelu_pytorch_tanh (" in stdout
 
 
 @pytest.mark.slow
@@ -330,6 +335,30 @@ def test_startup_bench_runs(tmp_path, cache_dir):
     med = json.loads(out.read_text())["median_s"]["python"]
     assert 0 < med["imports, Hydra, Accelerator"] < med["first optimizer step"]
     assert med["CPU time to step 1"] > 0
+
+
+def test_time_to_quality_scores_the_bf16_trainer_as_gptlab_scores_its_bf16_arms(tmp_path):
+    """The bf16 Trainer's held-out loss comes from gptlab's evaluate() under the autocast that an
+    Accelerator(mixed_precision="bf16") gives gptlab's bf16 arms, not in fp32."""
+    import numpy as np
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gptlab.data.blocks import TokenBlocks
+    from gptlab.evaluate import evaluate
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from time_to_quality import held_out_loss
+
+    np.random.default_rng(0).integers(0, 96, 16 * 6, dtype=np.uint16).tofile(tmp_path / "valid.bin")
+    data, model = SimpleNamespace(valid=TokenBlocks(tmp_path / "valid.bin", "uint16", 16)), tiny_gpt2()
+    try:
+        bf16_arm = evaluate(model, data.valid, 4, Accelerator(cpu=True, mixed_precision="bf16"))["eval/loss"]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert held_out_loss(model, data, 4, bf16=True) == bf16_arm
+    assert held_out_loss(model, data, 4, bf16=False) != bf16_arm  # the fp32 score it had before
 
 
 @pytest.mark.slow

@@ -253,12 +253,16 @@ def test_warmup_longer_than_the_run_warns(tmp_path, cache_dir):
     assert "scheduler.warmup_steps=5 is longer than the run (1 steps)" in (tmp_path / "train.log").read_text()
 
 
-def test_cli_prints_one_line_and_exits_nonzero(tmp_path, cache_dir):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *smoke(tmp_path, cache_dir),
-                           "scheduler.min_lr=0.5"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("override,line", [
+    ("scheduler.min_lr=0.5", "error: scheduler.min_lr=0.5 is greater than optim.lr=0.001"),
+    ("tokenizer.path=../nope-gptlab", "error: tokenizer.path=../nope-gptlab: no such directory"),
+])
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path, cache_dir, override, line):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *smoke(tmp_path / "run", cache_dir), override],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "error: scheduler.min_lr=0.5 is greater than optim.lr=0.001"
+    assert proc.stderr.strip().splitlines()[-1] == line
 
 
 # Loading is safe: the package source, grepped.

@@ -1,12 +1,14 @@
 """Train a GPT-2-family model: `accelerate launch train.py [hydra overrides]` or `python train.py`."""
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from gptlab.config import register_configs
+from gptlab.config import did_you_mean, register_configs
 
 register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -22,4 +24,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        hint = did_you_mean(sys.argv[1:], CONFIG_DIR) if e.code else None  # a misspelt key: its fix
+        if hint:
+            print(hint, file=sys.stderr)
+        raise

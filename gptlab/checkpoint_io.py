@@ -231,12 +231,7 @@ def load_checkpoint(accelerator, ckpt, model=None, lora_base=None) -> dict:
     if lora_base is None:
         load_weights(inner, weights, ckpt)
     else:  # the frozen base is already in place and is the checkpoint's: only the adapters are read
-        expected = set(trainable_names(inner))
-        if set(weights) != expected:
-            raise CheckpointError(f"{ckpt}: its adapters do not match this run's model.lora settings: missing "
-                                  f"{sorted(expected - set(weights))[:3]}, "
-                                  f"unexpected {sorted(set(weights) - expected)[:3]}")
-        inner.load_state_dict(weights, strict=False)
+        load_adapters(inner, weights, ckpt)
     # Then the optimizer, RNG states and scaler (torch.load, weights_only=True); the weights are in.
     skip_weights = accelerator.register_load_state_pre_hook(lambda models, _input_dir: models.clear())
     try:
@@ -244,6 +239,17 @@ def load_checkpoint(accelerator, ckpt, model=None, lora_base=None) -> dict:
     finally:
         skip_weights.remove()
     return state
+
+
+def load_adapters(model, adapters: dict, ckpt) -> None:
+    """A checkpoint's LoRA adapters into `model` (its base already in place), if they are the
+    adapters its model.lora settings make."""
+    expected = set(trainable_names(model))
+    if set(adapters) != expected:
+        raise CheckpointError(f"{ckpt}: its adapters do not match the model.lora settings: missing "
+                              f"{sorted(expected - set(adapters))[:3]}, "
+                              f"unexpected {sorted(set(adapters) - expected)[:3]}")
+    model.load_state_dict(adapters, strict=False)
 
 
 def load_weights(model, weights: dict, ckpt) -> None:

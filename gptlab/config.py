@@ -273,3 +273,42 @@ def _required(key: str):
 def register_configs() -> None:
     ConfigStore.instance().store(name="gptlab_schema", node=GptlabConfig)
     OmegaConf.register_new_resolver("required", _required, replace=True)
+
+
+def did_you_mean(args: list, config_dir: str) -> Optional[str]:
+    """For a command line whose override names a key the config lacks (`optim.lrr=1`), the one
+    line "did you mean optim.lr?": the closest key where the config's keys part from it.
+    None when the line composes, or nothing is close. Hydra says what failed; this is the fix."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    plain = [o.split("=", 1)[0] for o in overrides if not o.startswith(("+", "~", "hydra."))]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        try:
+            compose("config", overrides)
+            return None  # it composes: the failure was not a key
+        except HydraException:
+            pass
+        for key in [k for k in plain if "." in k]:
+            try:
+                cfg = compose("config", [o for o in overrides if o.split("=", 1)[0] != key])
+            except HydraException:
+                continue  # another override fails on its own
+            node, parts = cfg, key.split(".")
+            for i, part in enumerate(parts):
+                if not isinstance(node, DictConfig):
+                    break
+                if part not in node:
+                    close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
+                    if close:
+                        return f"did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1:]])}?"
+                    break
+                node = OmegaConf.select(node, part, throw_on_resolution_failure=False)
+    return None

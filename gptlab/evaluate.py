@@ -19,8 +19,9 @@ from .model import token_losses
 
 
 @torch.no_grad()
-def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
-    """Mean next-token CE over every target of every validation block (or sample).
+def evaluate(model, blocks, batch_size: int, accelerator, max_blocks: int | None = None) -> dict:
+    """Mean next-token CE over every target of every validation block (or sample), or of the
+    first `max_blocks` of them.
 
     Each rank scores a disjoint strided share; float64 sums are added across ranks,
     so no block counts twice and none is padded in. `eval/sample_loss` is the mean of
@@ -30,7 +31,8 @@ def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
     model.eval()
     # (loss sum, targets, sum of per-sample means, samples)
     total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-    batches = eval_batches(len(blocks), batch_size, accelerator.num_processes, accelerator.process_index)
+    n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    batches = eval_batches(n_blocks, batch_size, accelerator.num_processes, accelerator.process_index)
     for ids in batches:
         x = blocks.batch(ids).to(accelerator.device, non_blocking=True)
         with accelerator.autocast():  # as in training: the same precision, and the LM head chunked
@@ -43,9 +45,9 @@ def evaluate(model, blocks, batch_size: int, accelerator) -> dict:
     if isinstance(model, FSDPModule):
         # Every forward of a sharded model gathers weights from all ranks: a rank with fewer
         # batches joins the others' last ones with uncounted forwards.
-        most = len(eval_batches(len(blocks), batch_size, accelerator.num_processes, 0))
+        most = len(eval_batches(n_blocks, batch_size, accelerator.num_processes, 0))
         for _ in range(most - len(batches)):
-            token_losses(model, blocks.batch(eval_batches(len(blocks), batch_size, 1, 0)[0]).to(accelerator.device))
+            token_losses(model, blocks.batch(eval_batches(n_blocks, batch_size, 1, 0)[0]).to(accelerator.device))
         model.reshard()  # a forward without a backward leaves the root's weights gathered
     total = accelerator.reduce(total, reduction="sum").tolist()
     model.train(was_training)
@@ -111,8 +113,12 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the data, e.g. data.block_size=128")
     ap.add_argument("--split", choices=("valid", "train"), default="valid")
     ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_blocks", type=int, help="score only the split's first N blocks (or samples): a quick "
+                    "estimate of a large split (default: all of them)")
     ap.add_argument("--output", help="also write the JSON result to this file")
     args = ap.parse_args(argv)
+    if args.max_blocks is not None and args.max_blocks < 1:
+        ap.error(f"--max_blocks={args.max_blocks}: score at least 1 block")
 
     from .data.prepare import prepare
     from .distributed import make_accelerator
@@ -129,14 +135,15 @@ def main(argv=None) -> dict:
     data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
                    show_progress=accelerator.is_main_process)
     blocks = data.valid if args.split == "valid" else data.train
-    metrics = evaluate(trained.model.to(accelerator.device), blocks, args.batch_size, accelerator)
+    metrics = evaluate(trained.model.to(accelerator.device), blocks, args.batch_size, accelerator, args.max_blocks)
+    scored = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
     result = {"model": str(trained.source), "split": args.split, "loss": metrics["eval/loss"],
               "perplexity": metrics["eval/perplexity"], "tokens": metrics["eval/tokens"],
-              "blocks": len(blocks), "block_size": cfg.data.block_size,
+              "blocks": scored, "of_blocks": len(blocks), "block_size": cfg.data.block_size,
               "data": OmegaConf.to_container(cfg.data)}
     if accelerator.is_main_process:
         print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
-              f"over {result['tokens']} tokens ({result['model']})", file=sys.stderr)
+              f"over {result['tokens']} tokens of {scored}/{len(blocks)} blocks ({result['model']})", file=sys.stderr)
         text = json.dumps(result, ensure_ascii=False)
         print(text)
         if args.output:

@@ -11,8 +11,8 @@ import logging
 import warnings
 from pathlib import Path
 
-from .checkpoint_io import (CheckpointError, check_export_destination, export_hf, find_checkpoint, load_weights,
-                            part_dir, read_trainer_state, strip_wrappers)
+from .checkpoint_io import (CheckpointError, check_export_destination, export_hf, find_checkpoint, load_adapters,
+                            load_weights, part_dir, read_trainer_state, strip_wrappers)
 from .lora import is_peft, merged_copy
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _load_lora(ckpt, lora: dict, adapters: dict):
     """The checkpoint's base (by path, checked against its hash) with its trained adapters."""
     from omegaconf import OmegaConf
 
-    from .lora import apply_lora, load_base, trainable_names
+    from .lora import apply_lora, load_base
 
     model_cfg = OmegaConf.load(ckpt / "config.yaml").model
     try:
@@ -56,12 +56,7 @@ def _load_lora(ckpt, lora: dict, adapters: dict):
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: {e}") from None
     model = apply_lora(base, model_cfg.lora)
-    expected = set(trainable_names(model))
-    if set(adapters) != expected:
-        raise CheckpointError(f"{ckpt}: the adapters do not match its model.lora settings: missing "
-                              f"{sorted(expected - set(adapters))[:3]}, "
-                              f"unexpected {sorted(set(adapters) - expected)[:3]}")
-    model.load_state_dict(adapters, strict=False)
+    load_adapters(model, adapters, ckpt)
     return model
 
 

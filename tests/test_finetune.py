@@ -119,6 +119,15 @@ def test_evaluate_cli(trained_run, tmp_path, capsys):
     half = main([str(run_dir), "data.block_size=32", "--batch_size", "3"])
     assert half["blocks"] in (2 * out["blocks"], 2 * out["blocks"] + 1) and half["block_size"] == 32
     assert half["tokens"] == half["blocks"] * 31 and half["loss"] != out["loss"]
+    # --max_blocks: the split's first N blocks, however they are batched; all of them past its size
+    assert out["blocks"] > 2
+    first = [main([str(run_dir), "--max_blocks", "2", "--batch_size", b]) for b in ("1", "2")]
+    assert [f["blocks"] for f in first] == [2, 2] and first[0]["of_blocks"] == out["blocks"]
+    assert first[0]["tokens"] == 2 * 63 and first[0]["loss"] == pytest.approx(first[1]["loss"], abs=1e-9)
+    assert first[0]["loss"] != out["loss"]
+    assert main([str(run_dir), "--max_blocks", "100000"])["loss"] == pytest.approx(out["loss"], abs=1e-9)
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--max_blocks", "0"])
 
 
 def test_evaluate_another_data_group_keeps_the_models_block_size(trained_run, tmp_path, tiny_corpus):

@@ -265,6 +265,26 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, cache_dir, override, li
     assert proc.stderr.strip().splitlines()[-1] == line
 
 
+@pytest.mark.parametrize("args,hint", [
+    (["optim.lrr=3e-4"], "did you mean optim.lr?"),
+    (["optimm.lr=3e-4", "trainer.max_steps=3"], "did you mean optim.lr?"),
+    (["experiment=codeparrot", "trainer.max_stepz=3"], "did you mean trainer.max_steps?"),
+    (["optim.lr=3e-4"], None),  # composes: nothing to suggest
+    (["optim.qqqqqq=1"], None),  # nothing close
+])
+def test_a_misspelt_key_gets_the_key_it_meant(args, hint):
+    from gptlab.config import did_you_mean
+
+    assert did_you_mean(["--cfg", "job", *args], str(ROOT / "conf")) == hint
+
+
+def test_cli_says_did_you_mean_after_hydras_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "optim.lrr=3e-4"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "optim.lrr" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "did you mean optim.lr?"
+
+
 # Loading is safe: the package source, grepped.
 SOURCES = sorted((ROOT / "gptlab").rglob("*.py")) + sorted(ROOT.glob("*.py"))
 

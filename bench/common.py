@@ -152,4 +152,4 @@ def run_gptlab(data, overrides: list, steps: int, warmup_steps: int) -> dict:
 
 
 def print_result(result: dict) -> None:
-    print(RESULT + json.dumps(result), flush=True)
+    print(RESULT + json.dumps(result, default=str), flush=True)

@@ -81,8 +81,10 @@ class StepGuard:
         reject = fault | overflow | s["halted"]
         verdict = torch.where(nonfinite, NONFINITE, torch.where(spike, SPIKE, torch.where(overflow, OVERFLOW, TAKEN)))
         accepted = ~fault & ~s["halted"] & torch.isfinite(loss_v)
-        slot = (s["accepted"] % self.window).long()  # the oldest of the window, once it is full
-        s["recent"][slot] = torch.where(accepted, loss_v, s["recent"][slot])
+        # The oldest of the window, once it is full. A mask, not recent[slot]: indexing by a 0-d
+        # device tensor reads it back to the host (a GPU sync every step).
+        slot = torch.arange(self.window, device=stats.device) == s["accepted"] % self.window
+        s["recent"] = torch.where(slot & accepted, loss_v, s["recent"])
         s["accepted"] = s["accepted"] + accepted
         s["run"] = torch.where(fault, s["run"] + 1, 0.0)
         halt = s["run"] >= self.max_skips

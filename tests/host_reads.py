@@ -6,7 +6,9 @@ that lives on the host, such as a flag, over gloo). On a CPU every tensor is a h
 so the device is told apart by where a tensor comes from: the model's parameters, buffers
 and gradients, anything made with an explicit `device=` or moved with `.to(device)`, and
 everything computed from those, live on the device; data made on the host (numpy, Python
-lists) stays there until it is moved. A TorchFunctionMode sees every torch call and
+lists) stays there until it is moved. Implicit reads count too: an op whose output
+size depends on the values (nonzero, masked_select, unique), and indexing by a device tensor
+that is 0-d (read as a Python int) or boolean (a mask, through nonzero). A TorchFunctionMode sees every torch call and
 Tensor method, so a read inside a library (transformers' mask builder, GradScaler) counts
 like one in gptlab.
 """
@@ -22,6 +24,10 @@ from torch.utils._pytree import tree_flatten
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
          torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
 MOVES = {torch.Tensor.to, torch.Tensor.cuda}
+# Reads by shape: the result's size depends on the values, so the host waits to learn it.
+DATA_DEPENDENT = {torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
+                  torch.unique, torch.Tensor.unique}
+INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "barrier",
                "all_gather_object", "broadcast_object_list")
 
@@ -80,7 +86,10 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if func in READS and inputs and self.on_device(inputs[0]):
+        if func in READS | DATA_DEPENDENT and inputs and self.on_device(inputs[0]):
+            self._record()
+        elif func in INDEXING and any(self.on_device(t) and (t.ndim == 0 or t.dtype == torch.bool)
+                                      for t in tree_flatten(args[1])[0] if isinstance(t, torch.Tensor)):
             self._record()
         out = func(*args, **kwargs)
         moved = func in MOVES and any(isinstance(a, (torch.device, str)) or getattr(a, "is_cuda", False)

@@ -145,6 +145,10 @@ def profile_worker(args) -> dict:
         prof.export_chrome_trace(str(trace_path))
         trace = json.loads(trace_path.read_text())
     result = breakdown(trace, wall["us"])
+    # Where the host's time goes (launch-bound steps show it here, not in the kernels).
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    result["top_cpu_ops"] = [{"op": e.key[:100], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                             for e in ops]
     result.update(optim=args.optim, batch=args.batch, profiled_step=target,
                   tokens_per_s=args.batch * block / (wall["us"] / 1e6),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
@@ -264,6 +268,8 @@ def table(rows: list) -> None:
                   + ", ".join(f"{k} {v:.1%}" for k, v in s.items()))
             for k in r["top_kernels"]:
                 print(f"  {k['share']:6.1%} {k['calls']:4d}x {k['kind']:9} {k['kernel'][:80]}")
+            print("  host, by self CPU time: " + ", ".join(f"{o['op']} {o['self_cpu_ms']:.1f} ms/{o['calls']}x"
+                                                       for o in r["top_cpu_ops"][:6]))
 
 
 def main() -> None:

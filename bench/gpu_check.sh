@@ -132,7 +132,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out, work, wall = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-summary = {"wall_s": wall, "stages": {}, "tests": None, "bench": {}, "reports": [], "liger": None}
+summary = {"command": "bash bench/gpu_check.sh OUTDIR", "wall_s": wall, "stages": {}, "tests": None, "bench": {},
+           "reports": [], "liger": None}
 for line in (work / "stages.tsv").read_text().splitlines():
     name, rc, secs = line.split("\t")
     summary["stages"][name] = {"exit": int(rc), "seconds": int(secs)}

@@ -158,7 +158,8 @@ def ddp2(tmp_path_factory, corpus, cache_dir, launch_env):
 def test_two_processes_train_exactly_like_one(reference, ddp2):
     assert logged_world(reference.run_dir) == (1, "NO")
     assert logged_world(ddp2.run_dir) == (2, "MULTI_CPU")
-    assert (ddp2.run_dir / "run.lock").is_file()  # taken by rank 0 alone: a second taker would have failed
+    # run.lock was taken by rank 0 alone (a second taker would have failed the run) and released at its end.
+    assert not (ddp2.run_dir / "run.lock").exists()
     log = (ddp2.run_dir / "train.log").read_text()
     assert "global batch 16 = micro 4 x accum 2 x 2 process(es); 1024 tokens per optimizer step" in log
     assert_same_training(ddp2.run_dir, reference.run_dir)
@@ -174,7 +175,7 @@ def test_two_process_run_writes_one_run_dir(ddp2):
     run_dir = ddp2.run_dir
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_dir.name)
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra", "checkpoints", "final", "metrics.jsonl", "run.lock", "tb", "tokenizer", "train.log"]
+        ".hydra", "checkpoints", "final", "metrics.jsonl", "tb", "tokenizer", "train.log"]
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event stream, from rank 0 only
     rows = read_metrics(run_dir)

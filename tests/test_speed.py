@@ -352,11 +352,15 @@ def test_time_to_quality_scores_the_bf16_trainer_as_gptlab_scores_its_bf16_arms(
 
     np.random.default_rng(0).integers(0, 96, 16 * 6, dtype=np.uint16).tofile(tmp_path / "valid.bin")
     data, model = SimpleNamespace(valid=TokenBlocks(tmp_path / "valid.bin", "uint16", 16)), tiny_gpt2()
+    def fresh_state():  # an Accelerator made by an earlier test in this process would pin its precision
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    fresh_state()
     try:
         bf16_arm = evaluate(model, data.valid, 4, Accelerator(cpu=True, mixed_precision="bf16"))["eval/loss"]
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        fresh_state()
     assert held_out_loss(model, data, 4, bf16=True) == bf16_arm
     assert held_out_loss(model, data, 4, bf16=False) != bf16_arm  # the fp32 score it had before
 

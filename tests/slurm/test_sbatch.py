@@ -208,7 +208,7 @@ def test_a_job_trains_like_accelerate_launch(jobs):
     assert sorted(p.name for p in job.cwd.iterdir()) == ["outputs", f"slurm-{job.id}.out"]
     assert list((job.cwd / "outputs" / "default").iterdir()) == [run_dir]
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra", "checkpoints", "final", "metrics.jsonl", "run.lock", "tb", "tokenizer", "train.log"]
+        ".hydra", "checkpoints", "final", "metrics.jsonl", "tb", "tokenizer", "train.log"]
     assert "2 process(es), DistributedType.MULTI_CPU" in (run_dir / "train.log").read_text()
     assert [s for s, _ in series(read_metrics(run_dir), "eval/loss")] == [4, 8]
     # The same training as the plain 2-process `accelerate launch`; in fact bit-identical.

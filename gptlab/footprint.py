@@ -1,8 +1,8 @@
 """What the training state occupies on this process: parameters, gradients, optimizer state.
 
-Counted from the tensors themselves, after the first update (when gradients and the
-optimizer's moments exist), so a sharded model shows its shard (a DTensor's local part)
-and a frozen parameter shows no gradient or moments.
+Counted from the tensors themselves, after the first update (when the optimizer's moments
+exist), so a sharded model shows its shard (a DTensor's local part) and a frozen parameter
+shows no gradient or moments.
 """
 import logging
 
@@ -23,7 +23,9 @@ def state_bytes(model, optimizer) -> dict:
     params = {id(p): p for p in model.parameters()}.values()
     return {
         "parameters": sum(_local_bytes(p) for p in params),
-        "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        # What backward gives each trainable parameter (its own shape and dtype), so the count holds
+        # after zero_grad too.
+        "gradients": sum(_local_bytes(p) for p in params if p.requires_grad),
         "optimizer_state": sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values()),
     }
 

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .adafactor import Adafactor
@@ -201,6 +202,13 @@ def step_unless(optimizer, reject: torch.Tensor | None) -> None:
     else:
         raise TypeError(f"{type(inner).__name__} cannot skip an update on a device flag; build optimizers with "
                         "gptlab.optim.build_optimizer")
+
+
+def clip_grad_norm(accelerator, model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to `max_norm` in total; their norm before clipping, a plain device tensor
+    (under FSDP2 the norm over every shard, on each process)."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

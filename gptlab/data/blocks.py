@@ -105,6 +105,11 @@ class TokenSamples:
         return int(self.lengths[np.asarray(sample_ids, dtype=np.int64)].sum())
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`; to a GPU from pinned memory, so the copy runs behind the GPU's work."""
+    return (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
+
+
 class TrainOrder:
     def __init__(self, n_blocks: int, micro_batch_size: int, grad_accum: int,
                  world_size: int, rank: int, seed: int, shuffle: bool = True):

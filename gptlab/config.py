@@ -3,12 +3,60 @@
 `conf/config.yaml` puts `gptlab_schema` first in its defaults list, so every YAML
 group and every command-line override is merged into these dataclasses: an unknown
 key or a wrong type fails when Hydra composes the config, before anything runs.
+
+Every choice among named implementations is a StrEnum, so a wrong name fails there too,
+with the valid names listed (`optim.name=adamx`: "Invalid value 'adamx', expected one of
+[auto, adamw, adam, adafactor, muon]"). Where a stage keeps a registry of builders
+(optim.OPTIMIZERS, loss.LOSSES), its keys are the Enum's members, and a test checks that every
+member of every Enum here is one the code handles. A member compares equal to its string.
 """
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+
+class Optimizer(StrEnum):
+    auto = "auto"  # muon from scratch, adamw to fine-tune (optim.choose_optimizer)
+    adamw = "adamw"
+    adam = "adam"
+    adafactor = "adafactor"
+    muon = "muon"
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    linear = "linear"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class WsdDecay(StrEnum):
+    linear = "linear"
+    sqrt = "sqrt"
+
+
+class Loss(StrEnum):
+    cross_entropy = "cross_entropy"
+    keytoken = "keytoken"
+
+
+class Parallel(StrEnum):
+    ddp = "ddp"
+    dp = "dp"
+
+
+class NonFinite(StrEnum):
+    skip = "skip"
+    stop = "stop"
+
+
+class Pack(StrEnum):
+    concat = "concat"
+    chunk = "chunk"
+    sample = "sample"
 
 
 @dataclass
@@ -101,7 +149,7 @@ class DataConfig:
     split_method: str = "hash"
     # concat: EOS after each document, one stream cut into blocks (remainder dropped);
     # chunk: each document cut into blocks on its own, short tails dropped.
-    pack: str = "concat"
+    pack: Pack = Pack.concat
     block_size: int = 256
 
 
@@ -127,7 +175,7 @@ class TokenizerConfig:
 class OptimConfig:
     # auto (the default: muon from scratch, adamw to fine-tune) | adamw | adam | adafactor | muon
     # (betas and eps do not apply to adafactor)
-    name: str = "adamw"
+    name: Optimizer = Optimizer.adamw
     # null: by the job, 1e-3 from scratch, 5e-5 to fine-tune a pretrained model (optim=auto has it).
     lr: Optional[float] = 1e-3
     weight_decay: float = 0.1
@@ -143,18 +191,18 @@ class OptimConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | wsd | constant
+    name: Schedule = Schedule.cosine
     warmup_steps: int = 30
     # Where the decay ends; null: a tenth of optim.lr.
     min_lr: Optional[float] = 1e-4
     # wsd: hold optim.lr, then decay to min_lr over this last fraction of the steps, linear | sqrt (1-sqrt).
     decay_fraction: float = 0.2
-    decay: str = "linear"
+    decay: WsdDecay = WsdDecay.linear
 
 
 @dataclass
 class LossConfig:
-    name: str = "cross_entropy"  # cross_entropy | keytoken
+    name: Loss = Loss.cross_entropy
     keywords: List[str] = field(default_factory=list)
     alpha: float = 1.0
     normalize: bool = False
@@ -185,7 +233,7 @@ class TrainerConfig:
     log_every: int = 10
     # A step with a non-finite loss or grad norm: skip its update (weights and optimizer
     # state untouched), or stop. max_skips skipped updates in a row stop the run.
-    nonfinite: str = "skip"  # skip | stop
+    nonfinite: NonFinite = NonFinite.skip
     max_skips: int = 10
     # Skip an update whose loss is this many standard deviations above the mean of the
     # last spike_window accepted steps (as llm.c does); None turns the guard off.
@@ -209,7 +257,7 @@ class TrainerConfig:
     peak_flops: Optional[float] = None
     # ddp: one process per device, the launch decides how many (recommended).
     # dp: legacy torch.nn.DataParallel, one process splitting each micro batch over all local GPUs.
-    parallel: str = "ddp"
+    parallel: Parallel = Parallel.ddp
     # Generated at every evaluation, logged to TensorBoard (text) and metrics.jsonl.
     sample_prompts: List[str] = field(default_factory=lambda: ["import numpy as np\n"])
     sample_max_new_tokens: int = 48

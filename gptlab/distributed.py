@@ -17,8 +17,6 @@ from .lock import lock_run_dir
 
 log = logging.getLogger(__name__)
 
-PARALLEL_MODES = ("ddp", "dp")
-
 
 def fast_cpu_precision(precision: str) -> bool:
     """Whether this CPU has native matmul for the dtype; otherwise torch emulates it."""
@@ -170,8 +168,6 @@ def check_wrapped(accelerator: Accelerator, model) -> None:
 
 
 def check_parallel(parallel: str, num_processes: int) -> None:
-    if parallel not in PARALLEL_MODES:
-        raise ConfigError(f"trainer.parallel={parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
     if parallel == "dp" and num_processes > 1:
         raise ConfigError(f"trainer.parallel=dp runs ONE process over all local GPUs, but this launch started "
                           f"{num_processes}; use `python train.py` or `accelerate launch --num_processes 1`, "

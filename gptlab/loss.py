@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 def check_loss_config(lc) -> None:
     """Before step 1: the loss settings alone."""
-    if lc.name not in LOSSES:
-        raise ConfigError(f"loss.name={lc.name} must be one of {', '.join(LOSSES)}")
     if lc.alpha <= 0:
         raise ConfigError(f"loss.alpha={lc.alpha} must be > 0: it scales every sample's weight")
     if lc.name == "keytoken" and len(lc.keywords) == 0:
@@ -229,15 +227,12 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                                 token_weights.reshape(-1), chunk_rows)
 
 
-LOSSES = ("cross_entropy", "keytoken")
-
-
 def make_loss_fn(loss_cfg, tokenizer) -> TokenWeightedLoss:
-    """The configured loss, checked before step 1."""
-    if loss_cfg.name == "cross_entropy":
-        return CrossEntropy()
-    if loss_cfg.name != "keytoken":
-        raise ConfigError(f"loss.name={loss_cfg.name!r}: choose cross_entropy or keytoken")
+    """The configured loss (config.Loss names it), checked before step 1."""
+    return LOSSES[loss_cfg.name](loss_cfg, tokenizer)
+
+
+def _keytoken(loss_cfg, tokenizer) -> KeytokenLoss:
     ids, skipped = keytoken_ids(tokenizer, loss_cfg.keywords)
     if skipped:
         log.warning("loss.keywords not a single token, skipped: %s", skipped)
@@ -245,3 +240,9 @@ def make_loss_fn(loss_cfg, tokenizer) -> TokenWeightedLoss:
         raise ConfigError(f"loss=keytoken: none of loss.keywords={list(loss_cfg.keywords)} is a single "
                           "token of this tokenizer")
     return KeytokenLoss(ids, loss_cfg.alpha, loss_cfg.normalize)
+
+
+LOSSES = {  # config.Loss -> builder(loss config, tokenizer)
+    "cross_entropy": lambda loss_cfg, tokenizer: CrossEntropy(),
+    "keytoken": _keytoken,
+}

@@ -142,7 +142,7 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
 WSD_DECAYS = ("linear", "sqrt")
 # Every optimizer here can skip an update on a device flag without a host sync (step_unless):
 # fused Adam and AdamW take it as the kernel's found_inf, gptlab's own Muon and Adafactor as `reject`.
-OPTIMIZERS = {
+OPTIMIZERS = {  # config.Optimizer -> builder(model, optim config); "auto" picks one of these
     # fused: one kernel per parameter group for the whole update, on CPU and CUDA alike.
     "adamw": lambda model, cfg: torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                                   betas=tuple(cfg.betas), eps=cfg.eps, fused=True),
@@ -175,8 +175,7 @@ def choose_optimizer(cfg) -> str | None:
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    """The optimizer config.Optimizer names (optim=auto resolved first, by choose_optimizer)."""
     return OPTIMIZERS[cfg.name](model, cfg)
 
 

@@ -7,7 +7,7 @@ Three moments, called from run.py:
 
 Every failure is a ConfigError naming the key and the bad value; train.py prints
 a GptlabError as one line and exits non-zero. A check that needs a stage's knowledge
-(the model's positions, the loss names, the optimizer names) lives in that stage and
+(the model's positions, the loss's keywords) lives in that stage and
 is called from here, so imports run one way: run -> validate -> stages -> errors.
 """
 import logging
@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .lora import check_lora_config
 from .loss import check_loss_config
 from .model import check_block_size, count_parameters
-from .optim import OPTIMIZERS, choose_optimizer, lr_at
+from .optim import choose_optimizer
 from .tokenizer import KINDS
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ POSITIVE = (
     "data.select", "data.valid_select",
 )
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
-NONFINITE = ("skip", "stop")
 # fp32 weights plus AdamW's two fp32 moments.
 CHECKPOINT_BYTES_PER_PARAM = 12
 
@@ -60,8 +59,6 @@ def check_config(cfg) -> None:
     except InterpolationResolutionError as e:
         raise ConfigError(str(e).splitlines()[0].split("resolving interpolation: ")[-1]) from None
     choose_optimizer(cfg)  # optim=auto, as run() resolves it (a no-op once resolved)
-    _require(cfg.optim.name in OPTIMIZERS,
-             f"optim.name={cfg.optim.name!r}: choose one of auto, {', '.join(OPTIMIZERS)}")
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")
@@ -75,7 +72,6 @@ def check_config(cfg) -> None:
                                           "GPU; use bf16")
     _require(tc.mixed_precision in MIXED_PRECISION,
              f"trainer.mixed_precision={tc.mixed_precision} must be one of no, fp16, bf16 (or null)")
-    _require(tc.nonfinite in NONFINITE, f"trainer.nonfinite={tc.nonfinite} must be skip or stop")
     _require(tc.spike_zscore is None or tc.spike_zscore > 0,
              f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
     _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
@@ -109,7 +105,6 @@ def check_config(cfg) -> None:
                         "here; optim=auto (the default) picks AdamW for fine-tuning", mc.pretrained_path,
                         " (LoRA adapters)" if mc.lora.r else "")
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
-    _check_names(cfg)
     check_loss_config(cfg.loss)
     check_lora_config(mc.lora)
 
@@ -119,14 +114,6 @@ def _check_muon(oc) -> None:
     _require(oc.muon_weight_decay >= 0, f"optim.muon_weight_decay={oc.muon_weight_decay} must be >= 0")
     _require(0 <= oc.momentum < 1, f"optim.momentum={oc.momentum} must be in [0, 1)")
     _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
-
-
-def _check_names(cfg) -> None:
-    """Schedule names, asked of the code that knows them (one source of truth)."""
-    try:
-        lr_at(1, cfg.optim.lr, 2, 0, 0.0, cfg.scheduler.name, cfg.scheduler.decay_fraction, cfg.scheduler.decay)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def check_environment(cfg, cuda: bool) -> None:

@@ -242,8 +242,6 @@ def test_parallel_mode_is_checked_before_training():
     check_parallel("dp", 1)
     with pytest.raises(ValueError, match="trainer.parallel=dp runs ONE process"):
         check_parallel("dp", 2)
-    with pytest.raises(ValueError, match="choose one of ddp, dp"):
-        check_parallel("ddpp", 1)
 
 
 def test_run_dirs_claimed_in_the_same_second_differ(tmp_path, monkeypatch):

@@ -118,9 +118,7 @@ def test_fewer_tokens_than_one_block(tmp_path, corpus):
         run_prepare(tmp_path / "c", corpus, "data.block_size=100000")
 
 
-def test_bad_pack_and_block_size(tmp_path, corpus):
-    with pytest.raises(DataError, match="data.pack='pad': choose concat, chunk, sample"):
-        run_prepare(tmp_path / "c", corpus, "data.pack=pad")
+def test_bad_block_size(tmp_path, corpus):
     with pytest.raises(DataError, match="data.block_size must be at least 2"):
         run_prepare(tmp_path / "c", corpus, "data.block_size=1")
 

@@ -37,7 +37,6 @@ SOURCE_KEYS = ("files", "valid_files", "encoding", "text_unit", "text_field", "d
                "builder", "streaming", "select", "valid_select", "config_name", "revision", "split",
                "valid_builder", "valid_revision", "valid_split", "paths", "max_bytes", "urls", "download_dir",
                "download_timeout_s", "download_retries", "download_max_bytes", "keywords", "min_chars")
-PACKS = ("concat", "chunk", "sample")
 TEXT_UNITS = ("file", "paragraph", "line")
 CACHE_VERSION = 2  # bump when the on-disk layout or the packing changes
 
@@ -92,8 +91,6 @@ def _check(dc, sources) -> None:
                         "shuffle(seed).select(N)); this corpus has none")
     if dc.split_method not in SPLIT_METHODS:
         raise DataError(f"data.split_method={dc.split_method!r}: choose {' or '.join(SPLIT_METHODS)}")
-    if dc.pack not in PACKS:
-        raise DataError(f"data.pack={dc.pack!r}: choose {', '.join(PACKS)}")
     if dc.block_size < 2:
         raise DataError(f"data.block_size must be at least 2, got {dc.block_size}")
     if not any(s.has_valid for s in sources) and not 0.0 < dc.valid_fraction < 1.0:

@@ -250,7 +250,7 @@ def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
     multirun = _is_multirun(hc)
     if multirun and accelerator.num_processes > 1:
         raise ConfigError("Hydra multirun (-m) inside a multi-process launch would run the whole sweep on every "
-                          "rank; start one `accelerate launch` per job instead (README, 'Launch modes')")
+                          "rank; start one `accelerate launch` per job instead (docs/launch.md)")
     chosen = [None]
     if accelerator.is_main_process:
         if run_dir:

@@ -169,7 +169,7 @@ def choose_optimizer(cfg) -> str | None:
         return None
     oc.name = "adamw" if tuned else "muon"
     why = (f"fine-tuning {tuned}{' with LoRA' if cfg.model.lora.r else ''}: Muon on weights trained with AdamW is "
-           f"not the tested path" if tuned else "from scratch: it won the time-to-quality bench (README)")
+           f"not the tested path" if tuned else "from scratch: it won the time-to-quality bench (docs/recipes-and-speed.md)")
     what = "AdamW" if tuned else f"Muon (muon_lr {oc.muon_lr:g}) + AdamW"
     return f"optim=auto: {what} at lr {oc.lr:g}, {why}; optim=NAME pins another"
 

@@ -91,8 +91,9 @@ class Checkpoints:
     better one.
     """
 
-    def __init__(self, accelerator, run_dir, cfg, model, optimizer, tokenizer, order, lora_base=None):
+    def __init__(self, accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base=None):
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.plan = plan  # data.blocks.BatchPlan: the global batch a checkpoint records and a resume checks
         self.optimizer = optimizer
         self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
         if lora_base is not None:
@@ -140,14 +141,13 @@ class Checkpoints:
                                   lambda: self.acc.is_main_process and link_copy(saved, self.root / "best"))
 
     def save(self, out_dir, step: int, max_steps: int, eval_loss=None) -> Path:
-        tc = self.cfg.trainer
         state = {
             "max_steps": max_steps,
             "epoch": self.order.epoch_at(step),
             "world_size": self.acc.num_processes,
             "layout": layout(self.model),
             "data_position": {"optimizer_step": step, "seed": self.cfg.seed,
-                              "global_batch": tc.micro_batch_size * tc.grad_accum * self.acc.num_processes,
+                              "global_batch": self.plan.global_batch,
                               "how": DATA_POSITION},
             "eval/loss": eval_loss,
             "best": self.best,
@@ -215,13 +215,10 @@ class Checkpoints:
 
     def _check_global_batch(self, ckpt, state) -> None:
         """The data order and the optimizer's trajectory continue only with the same global batch."""
-        tc = self.cfg.trainer
-        then = state.get("data_position", {}).get("global_batch")
-        now = tc.micro_batch_size * tc.grad_accum * self.acc.num_processes
-        if then is not None and then != now:
+        then, p = state.get("data_position", {}).get("global_batch"), self.plan
+        if then is not None and then != p.global_batch:
             raise ConfigError(f"resume: {ckpt} was trained with a global batch of {then} sequences, this run's is "
-                              f"{now} (micro {tc.micro_batch_size} x accum {tc.grad_accum} x "
-                              f"{self.acc.num_processes} process(es)); set trainer.global_batch_size={then} to "
+                              f"{p.global_batch} (micro {p.micro} x accum {p.accum} x {p.processes} process(es)); set trainer.global_batch_size={then} to "
                               f"continue it (grad_accum is derived), or start a new run_dir for another batch")
 
     def _continue_elastic(self, ckpt, state, step: int) -> None:

@@ -37,7 +37,6 @@ def attention(name: str) -> str:
 def build_model(model_cfg, tokenizer, block_size: int):
     if model_cfg.pretrained_path:
         return never_padded(load_pretrained(model_cfg, tokenizer, block_size))
-    check_block_size(model_cfg, block_size)
     if model_cfg.n_embd % model_cfg.n_head:
         raise ConfigError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
     if model_cfg.vocab_pad_multiple < 1:
@@ -122,7 +121,6 @@ def check_block_size(model_cfg, block_size: int) -> None:
 
 
 def load_pretrained(model_cfg, tokenizer, block_size: int):
-    check_block_size(model_cfg, block_size)
     path = pretrained_dir(model_cfg)
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code,
                                                  attn_implementation=attention(model_cfg.attn_implementation))

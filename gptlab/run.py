@@ -10,14 +10,14 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpoints, plan_run_dir
 from .config import DEFAULT_MAX_STEPS
 from .checkpoint_io import export_hf
-from .data.blocks import TrainOrder, plan_grad_accum
+from .data.blocks import BatchPlan, TrainOrder
 from .data.prepare import prepare
 from .data.sources import HfSource
 from .distributed import (EarlyLogs, agree_run_dir, apply_activation_checkpointing, end_processes, is_sharded,
                           make_accelerator, prepare_model, setup_logging)
 from .export import export_checkpoint
 from .generate import log_samples
-from .hub import pin_hub_ids
+from .hub import is_hub_id, pin_hub_ids
 from .lock import release_run_dirs
 from .lora import apply_lora, base_reference
 from .loop import train
@@ -84,8 +84,8 @@ def _run(cfg, early) -> dict:
     main = accelerator.is_main_process
     tc = cfg.trainer
     # Resolved here, once, for this launch's process count; the saved config records the value used.
-    tc.grad_accum = plan_grad_accum(tc.micro_batch_size, accelerator.num_processes, tc.global_batch_size,
-                                    tc.grad_accum)
+    plan = BatchPlan.derive(tc, accelerator.num_processes, cfg.data.block_size)
+    tc.grad_accum = plan.accum
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main, early)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
@@ -102,7 +102,8 @@ def _run(cfg, early) -> dict:
              f", {torch.get_num_threads()} CPU thread(s) per process" if accelerator.device.type == "cpu" else "")
 
     set_seed(cfg.seed)
-    check_block_size(cfg.model, cfg.data.block_size)
+    if is_hub_id(cfg.model.pretrained_path or ""):  # its positions are known now that pin_hub_ids fetched it
+        check_block_size(cfg.model, cfg.data.block_size)
     data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
                    show_progress=main)
     tokenizer = data.tokenizer
@@ -131,18 +132,16 @@ def _run(cfg, early) -> dict:
     loss_fn = make_loss_fn(cfg.loss, tokenizer)
     model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
-    order = TrainOrder(len(data.train), tc.micro_batch_size, tc.grad_accum, accelerator.num_processes,
-                       accelerator.process_index, cfg.seed, tc.shuffle)
+    order = TrainOrder(len(data.train), plan.micro, plan.accum, plan.processes, accelerator.process_index, cfg.seed,
+                       tc.shuffle)
     max_steps = resolve_max_steps(tc, order)
     check_warmup(cfg.scheduler.warmup_steps, max_steps)
-    global_batch = tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
     log.info("global batch %d%s = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "
-             "%d steps (%.2f epochs)", global_batch,
+             "%d steps (%.2f epochs)", plan.global_batch,
              " (trainer.global_batch_size; grad_accum derived)" if tc.global_batch_size else "",
-             tc.micro_batch_size, tc.grad_accum,
-             accelerator.num_processes, global_batch * cfg.data.block_size, max_steps, order.epoch_at(max_steps))
+             plan.micro, plan.accum, plan.processes, plan.tokens_per_step, max_steps, order.epoch_at(max_steps))
 
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, lora_base)
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,

@@ -11,6 +11,7 @@ the blocks, and rank r of W takes every W-th micro-batch. So a run with W proces
 and grad_accum A sees exactly the blocks of a 1-process run with grad_accum A*W, and
 resuming at optimizer step s needs nothing but s.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,31 @@ def plan_grad_accum(micro_batch_size: int, num_processes: int, global_batch_size
                           f"{global_batch_size}: {per_step} needs grad_accum={derived}; drop trainer.grad_accum "
                           f"(it is derived) or set global_batch_size={unit * grad_accum}")
     return derived
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one optimizer step takes, derived once per launch: micro-batches of `micro` sequences
+    of `block` tokens, `accum` of them per process, on `processes` processes."""
+    micro: int
+    accum: int
+    processes: int
+    block: int
+
+    @classmethod
+    def derive(cls, trainer_cfg, processes: int, block: int) -> "BatchPlan":
+        tc = trainer_cfg
+        return cls(tc.micro_batch_size, plan_grad_accum(tc.micro_batch_size, processes, tc.global_batch_size,
+                                                        tc.grad_accum), processes, block)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over every process."""
+        return self.micro * self.accum * self.processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.block
 
 
 IGNORE_INDEX = -100  # a label the loss skips (PyTorch's and Hugging Face's convention)

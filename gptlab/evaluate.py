@@ -1,4 +1,4 @@
-"""Token-weighted validation loss and perplexity, exact for any number of processes.
+"""Validation loss, perplexity and bits per byte, exact for any number of processes.
 
     python -m gptlab.evaluate outputs/tolstoy_scratch/<timestamp>/final [data overrides]
 """
@@ -26,11 +26,16 @@ def evaluate(model, blocks, batch_size: int, accelerator, max_blocks: int | None
     Each rank scores a disjoint strided share; float64 sums are added across ranks,
     so no block counts twice and none is padded in. `eval/sample_loss` is the mean of
     each sample's (block's) own mean loss, as seed 003 reports its test loss.
+    `eval/bpb`, where the blocks know their tokens' bytes: the loss in bits per UTF-8 byte of
+    the text the targets stand for (special tokens, which stand for none, left out of both
+    sums, as nanochat counts it), comparable across tokenizers.
     """
     was_training = model.training
     model.eval()
-    # (loss sum, targets, sum of per-sample means, samples)
-    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    # (loss sum, targets, sum of per-sample means, samples, loss sum over text targets, their bytes)
+    total = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
+    nbytes_of = getattr(blocks, "token_bytes", None)  # duck-typed blocks may not know their bytes
+    token_bytes = None if nbytes_of is None else torch.as_tensor(nbytes_of, device=accelerator.device)
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     batches = eval_batches(n_blocks, batch_size, accelerator.num_processes, accelerator.process_index)
     for ids in batches:
@@ -42,6 +47,10 @@ def evaluate(model, blocks, batch_size: int, accelerator, max_blocks: int | None
         total[1] += n.sum()
         total[2] += (ce.sum(dim=1) / n.clamp_min(1)).sum()
         total[3] += (n > 0).sum()
+        if token_bytes is not None:
+            nbytes = token_bytes[x[:, 1:].clamp_min(0)] * (x[:, 1:] != IGNORE_INDEX)
+            total[4] += (ce * (nbytes > 0)).sum()
+            total[5] += nbytes.sum()
     if isinstance(model, FSDPModule):
         # Every forward of a sharded model gathers weights from all ranks: a rank with fewer
         # batches joins the others' last ones with uncounted forwards.
@@ -52,8 +61,11 @@ def evaluate(model, blocks, batch_size: int, accelerator, max_blocks: int | None
     total = accelerator.reduce(total, reduction="sum").tolist()
     model.train(was_training)
     loss = total[0] / total[1]
-    return {"eval/loss": loss, "eval/perplexity": perplexity(loss), "eval/tokens": int(total[1]),
-            "eval/sample_loss": total[2] / total[3]}
+    metrics = {"eval/loss": loss, "eval/perplexity": perplexity(loss), "eval/tokens": int(total[1]),
+               "eval/sample_loss": total[2] / total[3]}
+    if token_bytes is not None and total[5] > 0:
+        metrics.update({"eval/bpb": total[4] / math.log(2) / total[5], "eval/bytes": int(total[5])})
+    return metrics
 
 
 def perplexity(loss: float) -> float:
@@ -138,12 +150,13 @@ def main(argv=None) -> dict:
     metrics = evaluate(trained.model.to(accelerator.device), blocks, args.batch_size, accelerator, args.max_blocks)
     scored = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
     result = {"model": str(trained.source), "split": args.split, "loss": metrics["eval/loss"],
-              "perplexity": metrics["eval/perplexity"], "tokens": metrics["eval/tokens"],
+              "perplexity": metrics["eval/perplexity"], "bpb": metrics.get("eval/bpb"), "tokens": metrics["eval/tokens"],
+              "bytes": metrics.get("eval/bytes"),
               "blocks": scored, "of_blocks": len(blocks), "block_size": cfg.data.block_size,
               "data": OmegaConf.to_container(cfg.data)}
     if accelerator.is_main_process:
-        print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
-              f"over {result['tokens']} tokens of {scored}/{len(blocks)} blocks ({result['model']})", file=sys.stderr)
+        print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+              f"{result['bpb']:.4f} bits per byte over {result['tokens']} tokens of {scored}/{len(blocks)} blocks ({result['model']})", file=sys.stderr)
         text = json.dumps(result, ensure_ascii=False)
         print(text)
         if args.output:

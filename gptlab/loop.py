@@ -108,8 +108,9 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
-        tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, t)
-        log.info("step %d: eval/loss %.4f, perplexity %.2f", t, metrics["eval/loss"], metrics["eval/perplexity"])
+        tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity", "eval/bpb") if k in metrics}, t)
+        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte", t, metrics["eval/loss"],
+                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan))
         return metrics
 
     if tc.eval_on_start and start_step == 0:  # the untrained model's loss and samples, as step 0

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
@@ -135,3 +136,30 @@ def check_vocab(tokenizer, embedding_rows: int) -> None:
     if len(tokenizer) > embedding_rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
                           f"{embedding_rows} rows; use the model's own tokenizer or resize the embedding")
+
+
+def _byte_stand_ins() -> dict:
+    """Byte-level BPE's printable stand-in character for each byte value (GPT-2's bytes_to_unicode), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(extra)}}
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """The UTF-8 bytes of text each token id stands for (0 for a special token), for bits per byte.
+
+    Byte-level BPE (GPT-2's, ruGPT-3's, gptlab's default) spells each token with one printable
+    stand-in per raw byte, so a token holding part of a multi-byte character counts exactly its
+    own bytes. Any other tokenizer (tokenizer.kind=whitespace) counts the bytes of each token's
+    decoded text, which is exact for whole words and characters.
+    """
+    n = len(tokenizer)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    stand_ins = _byte_stand_ins()
+    byte_level = all(c in stand_ins for i, t in enumerate(tokens) if i not in special for c in t)
+    lengths = np.zeros(n, dtype=np.int64)
+    for i, t in enumerate(tokens):
+        if i not in special:
+            lengths[i] = len(t) if byte_level else len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths

@@ -76,6 +76,8 @@ IGNORE_INDEX = -100  # a label the loss skips (PyTorch's and Hugging Face's conv
 class TokenBlocks:
     """Packed modes (concat, chunk): the stream cut into blocks of block_size tokens."""
 
+    token_bytes = None  # UTF-8 bytes per token id (tokenizer.token_byte_lengths), set by prepare: eval/bpb
+
     def __init__(self, path: Path, dtype: str, block_size: int):
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         self.block_size = block_size
@@ -105,6 +107,8 @@ class TokenSamples:
     `path` holds the documents' ids back to back; `<path>.idx` their start offsets (uint64,
     one more than there are documents). block_size is the longest a sample was kept.
     """
+
+    token_bytes = None  # as TokenBlocks'
 
     def __init__(self, path: Path, dtype: str, block_size: int):
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")

@@ -66,6 +66,7 @@ class _Stream:
         self.out: List[list] = []  # id lists waiting for the next write
         self.doc: List[list] = []  # chunk and sample modes: the current document's pieces
         self.tokens = self.documents = self.dropped = 0
+        self.bytes = 0  # UTF-8 bytes of the split's text, as tokenized
         self.offsets = [0] if pack == "sample" else None
 
     def add(self, ids: list, doc_end: bool) -> None:
@@ -98,7 +99,7 @@ class _Stream:
         self.f.close()
         if self.offsets is not None:
             np.array(self.offsets, dtype=np.uint64).tofile(f"{self.f.name}.idx")
-        return {"tokens": self.tokens, "documents": self.documents, "dropped_tokens": self.dropped}
+        return {"tokens": self.tokens, "documents": self.documents, "dropped_tokens": self.dropped, "bytes": self.bytes}
 
 
 def write_token_streams(labelled: Iterable[Tuple[bool, str]], tokenizer, out_dir: Path, pack: str = "concat",
@@ -114,8 +115,9 @@ def write_token_streams(labelled: Iterable[Tuple[bool, str]], tokenizer, out_dir
     where: List[Tuple[bool, bool]] = []  # (is_valid, last piece of its document)
 
     def run_batch():
-        for enc, (valid, end) in zip(encode(texts, add_special_tokens=False), where):
+        for enc, text, (valid, end) in zip(encode(texts, add_special_tokens=False), texts, where):
             streams[valid].add(enc.ids, end)
+            streams[valid].bytes += len(text.encode("utf-8"))
         for s in streams.values():
             s.flush()
         bar.update(sum(map(len, texts)))

@@ -20,7 +20,7 @@ from typing import List
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..hub import is_hub_id, resolve
-from ..tokenizer import load_tokenizer, sample_evenly, tokenizer_hash, tokenizer_path, train_bpe
+from ..tokenizer import load_tokenizer, sample_evenly, token_byte_lengths, tokenizer_hash, tokenizer_path, train_bpe
 from .blocks import TokenBlocks, TokenSamples
 from .cache import build_once, fingerprint, read_meta
 from .filters import SPLIT_METHODS, labelled_documents, plan_split, read_plan
@@ -184,6 +184,7 @@ def prepare(cfg, cache_root: Path, is_builder: bool = True, show_progress: bool 
         info[name]["blocks"] = len(blocks)
         if dc.pack == "concat":  # the stream's tail that does not fill a block
             info[name]["dropped_tokens"] = len(blocks.tokens) - len(blocks) * T
+    train.token_bytes = valid.token_bytes = token_byte_lengths(tokenizer)
     _log_summary(info, dc)
     info["cache_dir"] = str(cache)
     return Prepared(tokenizer, train, valid, info)

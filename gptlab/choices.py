@@ -12,6 +12,7 @@ Every process scores a disjoint strided share of the items and the counts are su
 item counts once on any number of processes.
 """
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from torch.distributed.fsdp import FSDPModule
 from .data.blocks import IGNORE_INDEX
 from .errors import ConfigError
 from .model import token_losses
+
+log = logging.getLogger(__name__)
 
 NEXT_LINE = "next_line"
 CONTEXT_LINES, ENDINGS, MIN_LINE_CHARS = 8, 4, 8
@@ -41,27 +44,27 @@ class Task:
 
 
 def next_line_items(texts: list, n: int, seed: int) -> list:
-    """Up to `n` items from documents' lines: the real next line and ENDINGS - 1 lines of other documents."""
+    """Up to `n` items from documents' lines: the real next line against ENDINGS - 1 other lines,
+    drawn from anywhere in the documents but the context's neighbourhood."""
     docs = [t.split("\n") for t in texts]
-    good = [[i for i, line in enumerate(lines) if len(line.strip()) >= MIN_LINE_CHARS] for lines in docs]
-    places = [(d, i) for d, idx in enumerate(good) for i in idx if i > 0]
-    if len({d for d, _ in places}) < ENDINGS:
+    places = [(d, i) for d, lines in enumerate(docs) for i, line in enumerate(lines) if len(line.strip()) >= MIN_LINE_CHARS]
+    if len({docs[d][i] for d, i in places}) < 2 * ENDINGS:
         return []
     rng = np.random.default_rng(seed)
     items = []
     for k in sorted(rng.choice(len(places), size=min(n, len(places)), replace=False)):
         d, i = places[k]
-        lines, right = docs[d], docs[d][i]
-        wrong = []
+        if i == 0:
+            continue  # no context
+        right, wrong = docs[d][i], []
         while len(wrong) < ENDINGS - 1:
-            other = int(rng.integers(len(docs)))
-            if other != d and good[other]:
-                line = docs[other][good[other][int(rng.integers(len(good[other])))]]
-                if line != right and line not in wrong:
-                    wrong.append(line)
+            od, oi = places[int(rng.integers(len(places)))]
+            line = docs[od][oi]
+            if (od != d or abs(oi - i) > CONTEXT_LINES) and line != right and line not in wrong:
+                wrong.append(line)
         label = int(rng.integers(ENDINGS))
-        items.append(Item("\n".join(lines[max(0, i - CONTEXT_LINES):i]) + "\n", [*wrong[:label], right, *wrong[label:]],
-                          label))
+        items.append(Item("\n".join(docs[d][max(0, i - CONTEXT_LINES):i]) + "\n",
+                          [*wrong[:label], right, *wrong[label:]], label))
     return items
 
 
@@ -113,6 +116,9 @@ def load_tasks(names, limit: int | None, valid_texts, seed: int) -> list:
             items = read_jsonl_items(Path(name).expanduser())[:limit]
         if items:
             tasks.append(Task(NEXT_LINE if name == NEXT_LINE else Path(name).stem, items))
+        else:
+            log.warning("tasks.names: %s has no items here (next_line needs %d distinct lines of %d+ characters "
+                        "in the validation split); not scored", name, 2 * ENDINGS, MIN_LINE_CHARS)
     return tasks
 
 

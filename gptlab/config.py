@@ -292,6 +292,15 @@ class LoggerConfig:
 
 
 @dataclass
+class TasksConfig:
+    # Multiple-choice tasks scored at every evaluation (gptlab/choices.py), logged as
+    # eval/<task>/acc and eval/<task>/acc_norm: next_line (built from the validation split) or
+    # JSON-lines files in HellaSwag's layout. [] turns them off.
+    names: List[str] = field(default_factory=lambda: ["next_line"])
+    limit: Optional[int] = 100  # items per task (next_line draws this many); null: all of a file
+
+
+@dataclass
 class GptlabConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -302,6 +311,7 @@ class GptlabConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     seed: int = 1337
     # None: outputs/<experiment or "default">/<timestamp>, chosen once by rank 0.
     run_dir: Optional[str] = None

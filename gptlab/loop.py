@@ -96,8 +96,10 @@ class Meter:
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
-          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None) -> dict:
-    """Steps start_step + 1 .. max_steps; returns the last log row with the last evaluation."""
+          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None, score_tasks=None) -> dict:
+    """Steps start_step + 1 .. max_steps; returns the last log row with the last evaluation.
+
+    score_tasks() gives the multiple-choice accuracies (choices.py) logged with each evaluation."""
     tc = cfg.trainer
     schedule = make_schedule(cfg.optim, cfg.scheduler, max_steps)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -108,9 +110,13 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
-        tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity", "eval/bpb") if k in metrics}, t)
-        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte", t, metrics["eval/loss"],
-                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan))
+        accuracies = score_tasks() if score_tasks is not None else {}
+        tracker.log({**{k: metrics[k] for k in ("eval/loss", "eval/perplexity", "eval/bpb") if k in metrics},
+                     **accuracies}, t)
+        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte%s", t, metrics["eval/loss"],
+                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan),
+                 "".join(f", {k[5:]} {v:.3f}" for k, v in accuracies.items()))
+        metrics.update(accuracies)
         return metrics
 
     if tc.eval_on_start and start_step == 0:  # the untrained model's loss and samples, as step 0

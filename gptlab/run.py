@@ -1,6 +1,7 @@
 """Compose one training run from a config: data, model, optimizer, loop, export."""
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -8,6 +9,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpoints, plan_run_dir
+from .choices import accuracy, documents, load_tasks
 from .config import DEFAULT_MAX_STEPS
 from .checkpoint_io import export_hf
 from .data.blocks import BatchPlan, TrainOrder
@@ -148,6 +150,15 @@ def _run(cfg, early) -> dict:
                       resume_step=start_step if cfg.resume else None)
 
     sharded = is_sharded(model)
+    tasks = load_tasks(cfg.tasks.names, cfg.tasks.limit, lambda: documents(data.valid, tokenizer), cfg.seed)
+
+    def score_tasks() -> dict:  # at every evaluation, on every process
+        started, scores = time.perf_counter(), {}
+        for task in tasks:
+            scores.update(accuracy(model, tokenizer, task, tc.micro_batch_size, accelerator, cfg.data.block_size))
+        if tasks:
+            log.info("%d multiple-choice task(s) scored in %.2f s", len(tasks), time.perf_counter() - started)
+        return scores
 
     def sample(step: int) -> None:  # after every evaluation, on the main process (FSDP: on all, in step)
         if (main or sharded) and tc.sample_prompts:
@@ -157,7 +168,7 @@ def _run(cfg, early) -> dict:
     try:
         with checkpoints.signals:
             result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
-                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample)
+                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample, score_tasks=score_tasks if tasks else None)
         accelerator.wait_for_everyone()
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)

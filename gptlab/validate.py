@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from .choices import check_task_names
 from .distributed import fsdp_asked
 from .errors import ConfigError
 from .lora import check_lora_config
@@ -106,6 +107,8 @@ def check_config(cfg) -> None:
                         " (LoRA adapters)" if mc.lora.r else "")
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     check_loss_config(cfg.loss)
+    check_task_names(cfg.tasks.names)
+    _require(cfg.tasks.limit is None or cfg.tasks.limit >= 1, f"tasks.limit={cfg.tasks.limit} must be at least 1")
     check_lora_config(mc.lora)
 
 

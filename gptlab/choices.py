@@ -27,7 +27,7 @@ from .model import token_losses
 log = logging.getLogger(__name__)
 
 NEXT_LINE = "next_line"
-CONTEXT_LINES, ENDINGS, MIN_LINE_CHARS = 8, 4, 8
+CONTEXT_LINES, ENDINGS, MIN_LINE_CHARS = 4, 4, 8
 
 
 @dataclass

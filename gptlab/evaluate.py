@@ -127,10 +127,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_blocks", type=int, help="score only the split's first N blocks (or samples): a quick "
                     "estimate of a large split (default: all of them)")
+    ap.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                    help="multiple-choice tasks to score too: next_line (from the split) or HellaSwag-layout "
+                         "JSON-lines files; prints acc and acc_norm for each")
+    ap.add_argument("--tasks_limit", type=int, help="score only each task's first N items (next_line: N drawn; "
+                    "default: tasks.limit, as the run scored them)")
     ap.add_argument("--output", help="also write the JSON result to this file")
     args = ap.parse_args(argv)
     if args.max_blocks is not None and args.max_blocks < 1:
         ap.error(f"--max_blocks={args.max_blocks}: score at least 1 block")
+    from .choices import accuracy, check_task_names, documents, load_tasks
+    from .errors import GptlabError
+
+    try:
+        check_task_names(args.tasks)
+    except GptlabError as e:
+        ap.error(str(e))
 
     from .data.prepare import prepare
     from .distributed import make_accelerator
@@ -147,16 +159,23 @@ def main(argv=None) -> dict:
     data = prepare(cfg, Path(cfg.cache_dir).expanduser(), is_builder=accelerator.is_local_main_process,
                    show_progress=accelerator.is_main_process)
     blocks = data.valid if args.split == "valid" else data.train
-    metrics = evaluate(trained.model.to(accelerator.device), blocks, args.batch_size, accelerator, args.max_blocks)
+    model = trained.model.to(accelerator.device)
+    metrics = evaluate(model, blocks, args.batch_size, accelerator, args.max_blocks)
+    limit = args.tasks_limit or cfg.tasks.limit
+    for task in load_tasks(args.tasks, limit, lambda: documents(blocks, data.tokenizer), cfg.seed):
+        metrics.update(accuracy(model, data.tokenizer, task, args.batch_size, accelerator, cfg.data.block_size))
     scored = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
     result = {"model": str(trained.source), "split": args.split, "loss": metrics["eval/loss"],
               "perplexity": metrics["eval/perplexity"], "bpb": metrics.get("eval/bpb"), "tokens": metrics["eval/tokens"],
               "bytes": metrics.get("eval/bytes"),
               "blocks": scored, "of_blocks": len(blocks), "block_size": cfg.data.block_size,
+              **{k[len("eval/"):]: v for k, v in metrics.items() if k.endswith(("/acc", "/acc_norm"))},
               "data": OmegaConf.to_container(cfg.data)}
     if accelerator.is_main_process:
         print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-              f"{result['bpb']:.4f} bits per byte over {result['tokens']} tokens of {scored}/{len(blocks)} blocks ({result['model']})", file=sys.stderr)
+              f"{result['bpb']:.4f} bits per byte over {result['tokens']} tokens of {scored}/{len(blocks)} blocks "
+              f"({result['model']})" + "".join(f"; {k} {v:.3f}" for k, v in result.items() if k.endswith(("/acc", "/acc_norm"))),
+              file=sys.stderr)
         text = json.dumps(result, ensure_ascii=False)
         print(text)
         if args.output:

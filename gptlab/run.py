@@ -32,7 +32,7 @@ from .validate import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
 # The final metrics next to the hyperparameters in TensorBoard's HParams tab.
-HPARAM_METRICS = ("eval/loss", "eval/perplexity", "train/tokens_per_s")
+HPARAM_METRICS = ("eval/loss", "eval/perplexity", "eval/bpb", "train/tokens_per_s")
 
 
 def _save_config(cfg, run_dir: Path) -> None:

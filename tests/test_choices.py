@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, free_port
 from test_pipeline import make_docs, run_prepare, write_jsonl
-from gptlab.choices import (ENDINGS, Item, Task, accuracy, ending_scores, load_tasks, next_line_items,
+from gptlab.choices import (CONTEXT_LINES, ENDINGS, Item, Task, accuracy, ending_scores, load_tasks, next_line_items,
                             read_jsonl_items)
 from gptlab.errors import ConfigError
 
@@ -74,7 +74,7 @@ def test_next_line_items_pair_the_real_next_line_with_other_documents_lines():
         doc = next(d for d in docs if item.ctx in d)
         assert item.ctx + right + "\n" in doc  # the real continuation
         assert all(e not in item.ctx for i, e in enumerate(item.endings) if i != item.label)  # not nearby
-        assert 1 <= len(item.ctx.splitlines()) <= 8
+        assert 1 <= len(item.ctx.splitlines()) <= CONTEXT_LINES
     assert len({it.label for it in items}) > 1
     assert next_line_items(["def f():\n    return 1\n"] * 3, 5, seed=0) == []  # too few distinct lines
 
@@ -128,3 +128,21 @@ def test_one_and_two_processes_give_the_same_accuracy(model_and_tokenizer, tmp_p
     assert [r.pop("world") for r in results] == [1, 2]
     assert results[0] == results[1]
     assert results[0] == accuracy(model, tok, Task("t", read_jsonl_items(tmp_path / "t.jsonl")), 3, ONE, 32)
+
+
+@pytest.mark.slow
+def test_choices_bench_scores_a_runs_checkpoints(tmp_path, cache_dir, tiny_corpus):
+    from conftest import run_training
+
+    run_dir = tmp_path / "run"
+    run_training([f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]",
+                  "trainer.save_every=4", "trainer.sample_prompts=[]"])
+    out = tmp_path / "choices.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "choices.py"), str(run_dir), "--items", "12",
+                           "--limit", "4", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [c["step"] for c in result["curve"]] == [0, 4, 8] and result["items"] == 12
+    assert all(0 <= c["acc"] <= 1 and 0 <= c["acc_norm"] <= 1 for c in result["curve"])
+    assert result["cost"]["items"] == 4 and result["cost"]["seconds"] > 0  # (a smoke run's evaluations: 1 s apart)
+    assert result["command"].startswith("python bench/choices.py")

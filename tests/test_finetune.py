@@ -128,6 +128,14 @@ def test_evaluate_cli(trained_run, tmp_path, capsys):
     assert main([str(run_dir), "--max_blocks", "100000"])["loss"] == pytest.approx(out["loss"], abs=1e-9)
     with pytest.raises(SystemExit):
         main([str(run_dir), "--max_blocks", "0"])
+    # Bits per byte and the run's multiple-choice task, as the run's last evaluation logged them.
+    assert out["bpb"] == pytest.approx(result["eval/bpb"], abs=1e-9) and out["bytes"] > out["tokens"]
+    micro = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.micro_batch_size
+    tasks = main([str(run_dir), "--tasks", "next_line", "--batch_size", str(micro)])
+    assert (tasks["next_line/acc"], tasks["next_line/acc_norm"]) == (result["eval/next_line/acc"],
+                                                                     result["eval/next_line/acc_norm"])
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--tasks", "no_such_task.jsonl"])
 
 
 def test_evaluate_another_data_group_keeps_the_models_block_size(trained_run, tmp_path, tiny_corpus):

@@ -7,7 +7,7 @@ newest checkpoint that loads, moving newer ones aside as superseded. A resume on
 process count with the same global batch continues elastically.
 The data loader's position is the step itself: the training order is a pure function of
 (seed, optimizer step), see data/blocks.py TrainOrder, so nothing else is needed to
-continue mid-epoch. What a checkpoint holds and how it is written: checkpoint_io.py.
+continue mid-epoch. What a checkpoint holds and how it is written: checkpoint_format.py.
 """
 import json
 import logging
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint_io import (STATE_FILE, BaseMismatchError, all_true, by_model_names, checkpoint_dir, layout,
+from .checkpoint_format import (STATE_FILE, BaseMismatchError, all_true, by_model_names, checkpoint_dir, layout,
                             check_export_destination, link_copy, list_checkpoints, load_checkpoint,
                             on_every_process, remove_dir,
                             save_checkpoint, step_of, update_trainer_state)

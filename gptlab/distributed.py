@@ -1,19 +1,14 @@
-"""The Accelerator, the one run directory all ranks agree on, rank-aware logging, and how the
-model is wrapped (DDP, DataParallel or FSDP2): decided here, and checked after `prepare`."""
+"""The Accelerator and how the model is wrapped (DDP, DataParallel or FSDP2): decided here, and
+checked after `prepare`."""
 import logging
 import os
-import sys
 import time
-from datetime import datetime
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list
-from tqdm.auto import tqdm
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-from .errors import ConfigError, RunDirBusyError
-from .lock import lock_run_dir
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -198,137 +193,3 @@ def wrap_parallel(model, parallel: str):
         log.info("trainer.parallel=dp: DataParallel splits each micro batch over %d GPU(s) in one process "
                  "(legacy; DDP through `accelerate launch --multi_gpu` is faster)", gpus)
     return DataParallelLM(model)
-
-
-def apply_activation_checkpointing(model, enabled: bool) -> None:
-    """trainer.activation_checkpointing: every transformer block of the HF model recomputed in backward.
-
-    Transformers' own switch (non-reentrant torch.utils.checkpoint around each block's forward,
-    so hooks such as DDP's or FSDP2's stay outside it, and dropout masks are replayed from the
-    saved RNG state). Blocks then receive use_cache=False, which training passes anyway.
-    """
-    if not enabled:
-        return
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support "
-                          "activation checkpointing; set trainer.activation_checkpointing=false")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    log.info("activation checkpointing: each transformer block is recomputed in the backward pass")
-
-
-def _hydra_config():
-    """Hydra's runtime config under @hydra.main; None when composed by hand (tests, notebooks)."""
-    from hydra.core.hydra_config import HydraConfig
-    return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _is_multirun(hc) -> bool:
-    from hydra.types import RunMode
-    return hc is not None and hc.mode == RunMode.MULTIRUN
-
-
-def _claim_new_dir(base: Path) -> Path:
-    """Create base, or base_1, base_2, ...: mkdir is the atomic claim, so two launches
-    started in the same second (a sweep script, a Hydra multirun) never share a directory."""
-    path, n = base, 1
-    base.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            path, n = base.with_name(f"{base.name}_{n}"), n + 1
-
-
-def agree_run_dir(accelerator: Accelerator, run_dir) -> Path:
-    """Rank 0 picks (and creates) the run directory; every rank gets the same path.
-
-    Order: `run_dir` if set; in a Hydra multirun, the job's directory under the sweep
-    (outputs/multirun/<timestamp>/<job number>); otherwise outputs/<experiment>/<timestamp>.
-    """
-    hc = _hydra_config()
-    multirun = _is_multirun(hc)
-    if multirun and accelerator.num_processes > 1:
-        raise ConfigError("Hydra multirun (-m) inside a multi-process launch would run the whole sweep on every "
-                          "rank; start one `accelerate launch` per job instead (docs/launch.md)")
-    chosen = [None]
-    if accelerator.is_main_process:
-        if run_dir:
-            path = Path(run_dir).expanduser().absolute()
-            path.mkdir(parents=True, exist_ok=True)
-        elif multirun:
-            path = Path(hc.runtime.output_dir).absolute()
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            experiment = (hc.runtime.choices.get("experiment") if hc else None) or "default"
-            stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            path = _claim_new_dir((Path("outputs") / experiment / stamp).absolute())
-        try:  # only rank 0 owns the directory; the others learn whether it could
-            lock_run_dir(path)
-            chosen = [str(path)]
-        except RunDirBusyError as e:
-            chosen = [e]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(chosen, from_process=0)
-    if isinstance(chosen[0], RunDirBusyError):
-        raise chosen[0]
-    return Path(chosen[0])
-
-
-class EarlyLogs(logging.Handler):
-    """What a run logs before its run directory exists (the optimizer chosen, a warning about the
-    config): held, then replayed into train.log by setup_logging, or printed if the run fails first."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records = []
-        root = logging.getLogger()
-        self.level_before = root.level
-        root.addHandler(self)
-        root.setLevel(min(root.level, logging.INFO) or logging.INFO)
-
-    def emit(self, record) -> None:
-        self.records.append(record)
-
-    def release(self) -> None:
-        """The run failed before its log existed: show the warnings it held, as lines of their own."""
-        root = logging.getLogger()
-        if self in root.handlers:
-            root.removeHandler(self)
-            root.setLevel(self.level_before)
-            for r in self.records:
-                if r.levelno >= logging.WARNING:
-                    print(f"warning: {r.getMessage()}", file=sys.stderr)
-
-
-class ConsoleHandler(logging.StreamHandler):
-    """Console lines printed above tqdm's progress bar (cleared, then redrawn), never into it."""
-
-    def emit(self, record) -> None:
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(run_dir: Path, is_main: bool, early: EarlyLogs | None = None) -> None:
-    """Main process: INFO to the console and run_dir/train.log. Others: warnings only. What the run
-    logged before (`early`) comes first."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        if isinstance(h, logging.FileHandler):
-            h.close()  # a multirun's next job must not keep writing the previous job's train.log
-    fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
-    handlers = [ConsoleHandler(sys.stderr)]
-    if is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    for record in early.records if early is not None else ():
-        if record.levelno >= root.level:
-            root.handle(record)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

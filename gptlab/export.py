@@ -11,7 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from .checkpoint_io import (CheckpointError, check_export_destination, export_hf, find_checkpoint, load_adapters,
+from .checkpoint_format import (CheckpointError, check_export_destination, export_hf, find_checkpoint, load_adapters,
                             load_weights, part_dir, read_trainer_state, strip_wrappers)
 from .lora import is_peft, merged_copy
 

@@ -128,7 +128,7 @@ def halt(error: TrainingHalted, checkpoints, max_steps: int):
     """Raise `error` after saving the state the guard kept intact; every process calls this."""
     if checkpoints is None:
         raise error
-    from .checkpoint_io import CheckpointError, checkpoint_dir
+    from .checkpoint_format import CheckpointError, checkpoint_dir
 
     target = checkpoint_dir(checkpoints.root.parent, error.step)
     try:

@@ -172,7 +172,7 @@ def load_trained(path, device: str = "cpu", revision: str | None = None) -> Trai
     finish; a checkpoint's model is built from its config and loaded with its weights. A Hub
     id is read through the HF cache (offline too, once cached), at `revision` if given.
     """
-    from .checkpoint_io import part_dir
+    from .checkpoint_format import part_dir
     from .export import load_checkpoint_model
     from .tokenizer import load_tokenizer
 
@@ -264,3 +264,19 @@ def token_losses(model, labels: torch.Tensor) -> torch.Tensor:
     if gpt2 is None:
         return _token_ce(model(input_ids=inputs, use_cache=False).logits, labels)
     return chunked_token_ce(_final_hidden(model, inputs), gpt2.lm_head.weight, labels)
+
+
+def apply_activation_checkpointing(model, enabled: bool) -> None:
+    """trainer.activation_checkpointing: every transformer block of the HF model recomputed in backward.
+
+    Transformers' own switch (non-reentrant torch.utils.checkpoint around each block's forward,
+    so hooks such as DDP's or FSDP2's stay outside it, and dropout masks are replayed from the
+    saved RNG state). Blocks then receive use_cache=False, which training passes anyway.
+    """
+    if not enabled:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"trainer.activation_checkpointing=true: {type(model).__name__} does not support "
+                          "activation checkpointing; set trainer.activation_checkpointing=false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    log.info("activation checkpointing: each transformer block is recomputed in the backward pass")

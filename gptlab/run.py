@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpoints, plan_run_dir
 from .choices import accuracy, documents, load_tasks
 from .config import DEFAULT_MAX_STEPS
-from .checkpoint_io import export_hf
+from .checkpoint_format import export_hf
 from .data.blocks import BatchPlan, TrainOrder
 from .data.prepare import prepare
 from .data.sources import HfSource
-from .distributed import (EarlyLogs, agree_run_dir, apply_activation_checkpointing, end_processes, is_sharded,
-                          make_accelerator, prepare_model, setup_logging)
+from .console import EarlyLogs, setup_logging
+from .distributed import end_processes, is_sharded, make_accelerator, prepare_model
 from .export import export_checkpoint
 from .generate import log_samples
 from .hub import is_hub_id, pin_hub_ids
@@ -24,11 +24,13 @@ from .lock import release_run_dirs
 from .lora import apply_lora, base_reference
 from .loop import train
 from .loss import make_loss_fn
-from .model import build_model, check_block_size, compile_blocks, count_parameters, pretrained_dir
+from .model import (apply_activation_checkpointing, build_model, check_block_size, compile_blocks, count_parameters,
+                    pretrained_dir)
 from .optim import build_optimizer, choose_optimizer
+from .run_dir import agree_run_dir
 from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
-from .validate import check_config, check_environment, check_run, check_warmup
+from .preflight import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
 # The final metrics next to the hyperparameters in TensorBoard's HParams tab.

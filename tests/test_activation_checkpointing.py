@@ -43,7 +43,7 @@ def test_same_losses_grad_norms_and_weights_on_and_off(tmp_path, base, dropout):
 def test_every_block_is_checkpointed_and_recomputed():
     """The switch really reaches each block: its forward runs again during backward."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from gptlab.distributed import apply_activation_checkpointing
+    from gptlab.model import apply_activation_checkpointing
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
     apply_activation_checkpointing(model, True)
@@ -65,7 +65,7 @@ def test_every_block_is_checkpointed_and_recomputed():
 
 
 def test_a_model_without_support_fails_before_step_1():
-    from gptlab.distributed import apply_activation_checkpointing
+    from gptlab.model import apply_activation_checkpointing
     from gptlab.errors import ConfigError
 
     class Plain(torch.nn.Module):
@@ -80,7 +80,7 @@ def test_with_compiled_blocks_and_the_fused_lm_head_loss():
     """compile_blocks wraps the checkpointed forward; the fused head loss runs outside both."""
     from omegaconf import OmegaConf
     from transformers import GPT2Config, GPT2LMHeadModel
-    from gptlab.distributed import apply_activation_checkpointing
+    from gptlab.model import apply_activation_checkpointing
     from gptlab.loss import make_loss_fn
     from gptlab.model import compile_blocks, forward_loss
 

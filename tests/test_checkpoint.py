@@ -110,7 +110,7 @@ def test_a_latest_checkpoint_that_fails_to_load_falls_back_with_a_warning(run, b
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(base, tmp_path, monkeypatch):
-    from gptlab.checkpoint_io import CheckpointError, read_trainer_state
+    from gptlab.checkpoint_format import CheckpointError, read_trainer_state
 
     disk_full_at_step(monkeypatch, 4)
     with pytest.raises(CheckpointError, match=r"could not save checkpoint .*step_0000004.*No space left on device"):

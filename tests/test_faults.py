@@ -98,7 +98,7 @@ def test_stop_halts_at_the_step_before_updating(tmp_path, cache_dir, monkeypatch
 
 
 def test_stop_reports_a_failed_save_and_the_previous_checkpoint_still_loads(tmp_path, cache_dir, monkeypatch):
-    from gptlab.checkpoint_io import find_checkpoint, read_trainer_state
+    from gptlab.checkpoint_format import find_checkpoint, read_trainer_state
 
     disk_full_at_step(monkeypatch, 3)
     Probe(monkeypatch, {4: NAN})
@@ -241,7 +241,7 @@ def test_cli_instability_stops_with_the_step_number(tmp_path, cache_dir):
     assert last.startswith("error: step 2: non-finite loss"), last
     assert last.endswith(f"(trainer.nonfinite=stop); the state after step 1 is saved in "
                          f"{tmp_path}/checkpoints/step_0000001"), last
-    from gptlab.checkpoint_io import read_trainer_state
+    from gptlab.checkpoint_format import read_trainer_state
     assert read_trainer_state(tmp_path / "checkpoints" / "step_0000001")["step"] == 1
 
 

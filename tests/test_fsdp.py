@@ -238,7 +238,7 @@ def test_an_auto_wrap_class_the_model_lacks_is_refused(fsdp_env):
 def test_a_sharded_checkpoint_is_not_resumed_unsharded(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptlab.checkpoint_io import STATE_FILE, CheckpointError, load_checkpoint
+    from gptlab.checkpoint_format import STATE_FILE, CheckpointError, load_checkpoint
 
     (tmp_path / STATE_FILE).write_text(json.dumps({"format": 1, "step": 4, "world_size": 2, "layout": "sharded",
                                                    "files": {}}))

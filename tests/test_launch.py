@@ -245,7 +245,7 @@ def test_parallel_mode_is_checked_before_training():
 
 
 def test_run_dirs_claimed_in_the_same_second_differ(tmp_path, monkeypatch):
-    from gptlab import distributed
+    from gptlab import run_dir
 
     class FixedClock:
         @staticmethod
@@ -254,20 +254,20 @@ def test_run_dirs_claimed_in_the_same_second_differ(tmp_path, monkeypatch):
             return datetime(2024, 1, 2, 3, 4, 5)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(distributed, "datetime", FixedClock)
+    monkeypatch.setattr(run_dir, "datetime", FixedClock)
     solo = SimpleNamespace(is_main_process=True, num_processes=1)
-    dirs = [distributed.agree_run_dir(solo, None) for _ in range(3)]
+    dirs = [run_dir.agree_run_dir(solo, None) for _ in range(3)]
     assert [d.name for d in dirs] == ["2024-01-02_03-04-05", "2024-01-02_03-04-05_1", "2024-01-02_03-04-05_2"]
     assert all(d.parent == tmp_path / "outputs" / "default" for d in dirs)
 
 
 def test_multirun_inside_a_multi_process_launch_is_refused(monkeypatch):
     from hydra.types import RunMode
-    from gptlab import distributed
+    from gptlab import run_dir
 
-    monkeypatch.setattr(distributed, "_hydra_config", lambda: SimpleNamespace(mode=RunMode.MULTIRUN))
+    monkeypatch.setattr(run_dir, "_hydra_config", lambda: SimpleNamespace(mode=RunMode.MULTIRUN))
     with pytest.raises(ValueError, match="one `accelerate launch` per job"):
-        distributed.agree_run_dir(SimpleNamespace(is_main_process=True, num_processes=2), None)
+        run_dir.agree_run_dir(SimpleNamespace(is_main_process=True, num_processes=2), None)
 
 
 @pytest.mark.slow

@@ -279,7 +279,7 @@ def test_bad_lora_input_fails_before_step_1(tmp_path, trained_run, resume_base, 
 
     from safetensors.torch import load_file, save_file
 
-    from gptlab.checkpoint_io import CheckpointError
+    from gptlab.checkpoint_format import CheckpointError
     from gptlab.export import export_checkpoint
     from gptlab.errors import ConfigError
 

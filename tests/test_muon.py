@@ -101,7 +101,7 @@ def test_muon_steps_and_its_state_round_trips():
 
 def test_muon_config_errors_before_step_1(monkeypatch):
     from gptlab.errors import ConfigError
-    from gptlab.validate import check_config
+    from gptlab.preflight import check_config
 
     with pytest.raises(ConfigError, match="optim.muon_lr=0.0 must be a positive number"):
         check_config(compose(["optim=muon", "optim.muon_lr=0"]))

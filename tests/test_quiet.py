@@ -69,7 +69,7 @@ def test_log_lines_print_above_the_progress_bar_not_into_it(tmp_path):
 
     from tqdm.auto import tqdm
 
-    from gptlab.distributed import setup_logging
+    from gptlab.console import setup_logging
 
     console = io.StringIO()
     root, before = logging.getLogger(), logging.getLogger().handlers[:]

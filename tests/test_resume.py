@@ -66,7 +66,7 @@ def assert_same_run(run_dir, reference):
 
 
 def latest_state(run_dir):
-    from gptlab.checkpoint_io import list_checkpoints
+    from gptlab.checkpoint_format import list_checkpoints
     return json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, compose, run_training
 from test_experiments import EXPERIMENTS, REQUIRED
 from gptlab.errors import ConfigError
-from gptlab.validate import check_config, check_environment, check_run
+from gptlab.preflight import check_config, check_environment, check_run
 
 
 def smoke(run_dir, cache_dir, *extra):
@@ -250,11 +250,11 @@ def test_disk_too_small_for_one_checkpoint(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     model = _tiny_gpt2()
     need = 12 * count_parameters(model)
-    monkeypatch.setattr("gptlab.validate.shutil.disk_usage", lambda p: usage(10**12, 0, need - 1))
+    monkeypatch.setattr("gptlab.preflight.shutil.disk_usage", lambda p: usage(10**12, 0, need - 1))
     with pytest.raises(ConfigError, match=rf"^run_dir={re.escape(str(tmp_path))} has 0 MiB free, less than one "
                                           rf"checkpoint needs \(~0 MiB: {count_parameters(model):,} parameters"):
         _check_run(tmp_path, model=model)
-    monkeypatch.setattr("gptlab.validate.shutil.disk_usage", lambda p: usage(10**12, 0, need))
+    monkeypatch.setattr("gptlab.preflight.shutil.disk_usage", lambda p: usage(10**12, 0, need))
     _check_run(tmp_path, model=model)
 
 
@@ -266,7 +266,7 @@ def test_checks_run_before_step_1(tmp_path, cache_dir, monkeypatch):
                                           r"one batch \(trainer\.micro_batch_size=1000 x 1"):
         run_training(smoke(tmp_path / "b", cache_dir, "trainer.micro_batch_size=1000"))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("gptlab.validate.shutil.disk_usage", lambda p: usage(10**12, 0, 1000))
+    monkeypatch.setattr("gptlab.preflight.shutil.disk_usage", lambda p: usage(10**12, 0, 1000))
     with pytest.raises(ConfigError, match=r"has 0 MiB free, less than one checkpoint needs"):
         run_training(smoke(tmp_path / "c", cache_dir))
     for d in "abc":
@@ -327,7 +327,7 @@ def _calls(text: str, name: str):
 
 
 def test_package_source_loads_safely():
-    assert SOURCES and any(p.name == "validate.py" for p in SOURCES)
+    assert SOURCES and any(p.name == "preflight.py" for p in SOURCES)
     problems = []
     for path in SOURCES:
         text = path.read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ Three moments, called from run.py:
 Every failure is a ConfigError naming the key and the bad value; train.py prints
 a GptlabError as one line and exits non-zero. A check that needs a stage's knowledge
 (the model's positions, the loss's keywords) lives in that stage and
-is called from here, so imports run one way: run -> validate -> stages -> errors.
+is called from here, so imports run one way: run -> preflight -> stages -> errors.
 """
 import logging
 import math

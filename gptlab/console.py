@@ -65,3 +65,12 @@ def setup_logging(run_dir: Path, is_main: bool, early: EarlyLogs | None = None) 
             root.handle(record)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def record_failure(message: str, exc_info=None) -> None:
+    """Why the run ended, into train.log as well (the console has it already, as train.py prints it):
+    nothing of a failure is lost with the terminal."""
+    record = logging.LogRecord("gptlab", logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

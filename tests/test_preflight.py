@@ -278,16 +278,21 @@ def test_warmup_longer_than_the_run_warns(tmp_path, cache_dir):
     assert "scheduler.warmup_steps=5 is longer than the run (1 steps)" in (tmp_path / "train.log").read_text()
 
 
-@pytest.mark.parametrize("override,line", [
-    ("scheduler.min_lr=0.5", "error: scheduler.min_lr=0.5 is greater than optim.lr=0.001"),
-    ("tokenizer.path=../nope-gptlab", "error: tokenizer.path=../nope-gptlab: no such directory"),
+@pytest.mark.parametrize("override,line,run_dir_made", [
+    ("scheduler.min_lr=0.5", "error: scheduler.min_lr=0.5 is greater than optim.lr=0.001", False),
+    ("tokenizer.path=../nope-gptlab", "error: tokenizer.path=../nope-gptlab: no such directory", True),
 ])
-def test_cli_prints_one_line_and_exits_nonzero(tmp_path, cache_dir, override, line):
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path, cache_dir, override, line, run_dir_made):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *smoke(tmp_path / "run", cache_dir), override],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == line
+    # A failure after the run directory exists is in its train.log too, as its last line.
+    log = tmp_path / "run" / "train.log"
+    assert log.is_file() == run_dir_made
+    if run_dir_made:
+        assert log.read_text().strip().splitlines()[-1].endswith(f"ERROR gptlab] {line}")
 
 
 @pytest.mark.parametrize("args,hint", [

@@ -285,10 +285,24 @@ class GenerateConfig:
     max_length: Optional[int] = None
 
 
+class TrackerName(StrEnum):  # Accelerate's trackers, beside TensorBoard and metrics.jsonl
+    wandb = "wandb"
+    mlflow = "mlflow"
+    trackio = "trackio"
+    aim = "aim"
+
+
 @dataclass
 class LoggerConfig:
     tensorboard: bool = True
     jsonl: bool = True
+    # More trackers, alone (logger=wandb turns TensorBoard off) or together (logger.trackers=[wandb,mlflow]),
+    # with the same metric names, the resolved config as their run's parameters, and the text samples
+    # where the tracker keeps text (W&B: a table; MLflow: text artifacts). Each needs its package:
+    # pip install 'gptlab[wandb]' (or mlflow, trackio, aim); their own settings (WANDB_MODE,
+    # MLFLOW_TRACKING_URI, ...) come from the environment as usual.
+    trackers: List[TrackerName] = field(default_factory=list)
+    project: str = "gptlab"  # the W&B or Trackio project, the MLflow experiment
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .loss import check_loss_config
 from .model import check_block_size, count_parameters
 from .optim import choose_optimizer
 from .tokenizer import KINDS
+from .tracking import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def check_config(cfg) -> None:
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     check_loss_config(cfg.loss)
     check_task_names(cfg.tasks.names)
+    check_trackers(cfg.logger.trackers)
     _require(cfg.tasks.limit is None or cfg.tasks.limit >= 1, f"tasks.limit={cfg.tasks.limit} must be at least 1")
     check_lora_config(mc.lora)
 

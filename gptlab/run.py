@@ -148,7 +148,8 @@ def _run(cfg, early) -> dict:
     checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
-    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
+    tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main, trackers=cfg.logger.trackers,
+                      project=cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True),
                       resume_step=start_step if cfg.resume else None)
 
     sharded = is_sharded(model)

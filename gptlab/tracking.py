@@ -1,20 +1,56 @@
-"""Metrics to TensorBoard and metrics.jsonl, under the same names. Main process only."""
+"""Metrics to TensorBoard, metrics.jsonl and any of Accelerate's trackers (W&B, MLflow, Trackio,
+Aim), under the same names. Main process only."""
+import importlib.util
 import json
 import math
 import os
 import time
 from pathlib import Path
 
+from .errors import ConfigError
+
+PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "aim": "aim"}  # tracker -> module
+
+
+def check_trackers(names) -> None:
+    """Before step 1: each tracker's package is installed."""
+    for name in names:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(f"logger.trackers: {name} needs the {PACKAGES[name]} package: "
+                              f"pip install 'gptlab[{name}]'")
+
+
+def start_tracker(name: str, run_dir: Path, project: str):
+    """An Accelerate tracker for this run, started: the run is named after the run directory."""
+    from accelerate import tracking
+
+    if name == "wandb":
+        tracker = tracking.WandBTracker(project, name=run_dir.name, dir=str(run_dir))
+    elif name == "mlflow":
+        tracker = tracking.MLflowTracker(experiment_name=project, run_name=run_dir.name)
+    elif name == "trackio":
+        tracker = tracking.TrackioTracker(project, name=run_dir.name)
+    else:
+        tracker = tracking.AimTracker(run_dir.name, logging_dir=str(run_dir))
+    tracker.start()
+    return tracker
+
 
 class Tracker:
     def __init__(self, run_dir: Path, tensorboard: bool = True, jsonl: bool = True, enabled: bool = True,
-                 resume_step=None):
-        """resume_step: a resumed run continues the logs; what they hold after that step is superseded."""
+                 resume_step=None, trackers=(), project: str = "gptlab", config: dict | None = None):
+        """resume_step: a resumed run continues the logs; what they hold after that step is superseded.
+        trackers: Accelerate's, by name, each given the flattened `config` as its run's parameters
+        (a resumed run is a new run there)."""
         self.writer = None
         self.jsonl = None
+        self.extra = {}
         if not enabled:
             return
         run_dir = Path(run_dir)
+        for name in trackers:
+            self.extra[name] = start_tracker(str(name), run_dir, project)
+            self.extra[name].store_init_configuration(flat_hparams(config or {}))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             purge_step = None
@@ -34,12 +70,20 @@ class Tracker:
         if self.jsonl:
             row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
             self.jsonl.write(json.dumps(row) + "\n")
+        for tracker in self.extra.values():
+            tracker.log(metrics, step=step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
             self.writer.add_text(tag, text, step)
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
+        if "wandb" in self.extra:
+            self.extra["wandb"].log_table(tag, columns=["step", "text"], data=[[step, text]], step=step)
+        if "mlflow" in self.extra:
+            import mlflow
+
+            mlflow.log_text(text, f"{tag}/step_{step:07d}.txt")
 
     def hparams(self, config: dict, metrics: dict) -> None:
         """The resolved config and the run's final metrics, for TensorBoard's HParams tab
@@ -55,6 +99,8 @@ class Tracker:
         self.writer.flush()
 
     def close(self) -> None:
+        for tracker in self.extra.values():
+            tracker.finish()
         if self.writer:
             self.writer.close()
         if self.jsonl:

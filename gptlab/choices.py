@@ -3,7 +3,9 @@ by the log-probabilities of its tokens given the context, and an item is right w
 ending scores best: by their sum (`acc`) and by their mean per token (`acc_norm`).
 
 A task is a JSON-lines file in HellaSwag's layout (`{"ctx": ..., "endings": [...], "label": i}`),
-or `next_line`: built from the run's own validation split, which any corpus has. Its items are a
+a Hub dataset with those fields (`hf:ORG/NAME` or `hf:ORG/NAME:SPLIT`, default split validation,
+through the HF cache as any Hub id), or `next_line`: built from the run's own validation split,
+which any corpus has. Its items are a
 line of a validation document after the lines before it (at most 8), against three lines of
 other validation documents: on the embedded Python corpus, which line of code comes next. Chance
 is 1/4; a model that learned the corpus's syntax and names beats it.
@@ -27,6 +29,7 @@ from .model import token_losses
 log = logging.getLogger(__name__)
 
 NEXT_LINE = "next_line"
+HUB_PREFIX = "hf:"
 CONTEXT_LINES, ENDINGS, MIN_LINE_CHARS = 4, 4, 8
 
 
@@ -78,32 +81,48 @@ def documents(blocks, tokenizer, max_tokens: int = 2_000_000) -> list:
     return [tokenizer.decode(ids[a:b].tolist()) for a, b in zip(starts, [*cuts, len(ids)]) if b > a]
 
 
+def _item(row: dict, where: str) -> Item:
+    try:
+        # As HellaSwag is scored (lm-eval, build-nanogpt): an ending follows its context after a space.
+        space = "" if row["ctx"][-1:].isspace() else " "
+        item = Item(row["ctx"], [e if e[:1].isspace() else space + e for e in row["endings"]], int(row["label"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"tasks.names: {where} is not a HellaSwag-layout item "
+                          f"({{\"ctx\", \"endings\", \"label\"}}): {e}") from None
+    if not 0 <= item.label < len(item.endings):
+        raise ConfigError(f"tasks.names: {where}: label {item.label} is not one of its {len(item.endings)} endings")
+    return item
+
+
+def _json(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None  # _item names the line
+
+
 def read_jsonl_items(path: Path) -> list:
-    items = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                # As HellaSwag is scored (lm-eval, build-nanogpt): an ending follows its context after a space.
-                space = "" if row["ctx"][-1:].isspace() else " "
-                item = Item(row["ctx"], [e if e[:1].isspace() else space + e for e in row["endings"]], int(row["label"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"tasks.names: {path} line {n} is not a HellaSwag-layout item "
-                                  f"({{\"ctx\", \"endings\", \"label\"}}): {e}") from None
-            if not 0 <= item.label < len(item.endings):
-                raise ConfigError(f"tasks.names: {path} line {n}: label {item.label} is not one of its "
-                                  f"{len(item.endings)} endings")
-            items.append(item)
-    return items
+        return [_item(_json(line), f"{path} line {n}") for n, line in enumerate(f, 1) if line.strip()]
+
+
+def read_hub_items(spec: str) -> list:
+    """hf:ORG/NAME[:SPLIT]: a Hub dataset's rows, from the HF cache (downloaded first where online)."""
+    import datasets
+
+    from .hub import resolve
+
+    repo, _, split = spec[len(HUB_PREFIX):].partition(":")
+    snapshot = resolve(repo, None, key="tasks.names", repo_type="dataset")
+    rows = datasets.load_dataset(str(snapshot.path), split=split or "validation")
+    return [_item(row, f"{spec} row {n}") for n, row in enumerate(rows)]
 
 
 def check_task_names(names) -> None:
-    """Before step 1: each task is next_line or a JSON-lines file that exists."""
+    """Before step 1: each task is next_line, hf:ORG/NAME[:SPLIT] or a JSON-lines file that exists."""
     for name in names:
-        if name != NEXT_LINE and not Path(name).expanduser().is_file():
-            raise ConfigError(f"tasks.names: {name!r} is neither {NEXT_LINE} nor a JSON-lines file")
+        if name != NEXT_LINE and not name.startswith(HUB_PREFIX) and not Path(name).expanduser().is_file():
+            raise ConfigError(f"tasks.names: {name!r} is neither {NEXT_LINE}, hf:ORG/NAME nor a JSON-lines file")
 
 
 def load_tasks(names, limit: int | None, valid_texts, seed: int) -> list:
@@ -111,11 +130,13 @@ def load_tasks(names, limit: int | None, valid_texts, seed: int) -> list:
     tasks = []
     for name in names:
         if name == NEXT_LINE:
-            items = next_line_items(list(valid_texts()), limit or 1000, seed)
+            items, task_name = next_line_items(list(valid_texts()), limit or 1000, seed), NEXT_LINE
+        elif name.startswith(HUB_PREFIX):  # named as its dataset: hf:Rowan/hellaswag -> hellaswag
+            items, task_name = read_hub_items(name)[:limit], name[len(HUB_PREFIX):].split(":")[0].split("/")[-1]
         else:
-            items = read_jsonl_items(Path(name).expanduser())[:limit]
+            items, task_name = read_jsonl_items(Path(name).expanduser())[:limit], Path(name).stem
         if items:
-            tasks.append(Task(NEXT_LINE if name == NEXT_LINE else Path(name).stem, items))
+            tasks.append(Task(task_name, items))
         else:
             log.warning("tasks.names: %s has no items here (next_line needs %d distinct lines of %d+ characters "
                         "in the validation split); not scored", name, 2 * ENDINGS, MIN_LINE_CHARS)

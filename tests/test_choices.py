@@ -88,9 +88,10 @@ def test_jsonl_tasks_read_hellaswag_layout_and_fail_in_one_line(tmp_path):
     path.write_text(json.dumps({"ctx": "A", "endings": ["b"], "label": 3}) + "\n")
     with pytest.raises(ConfigError, match=r"mini\.jsonl line 1: label 3 is not one of its 1 endings$"):
         read_jsonl_items(path)
-    path.write_text('{"context": "A"}\n')
-    with pytest.raises(ConfigError, match=r"line 1 is not a HellaSwag-layout item"):
-        read_jsonl_items(path)
+    for bad in ('{"context": "A"}', '{"ctx": "A", "endings": ["b"], "label": 0', "ctx, endings"):
+        path.write_text("\n" + bad + "\n")
+        with pytest.raises(ConfigError, match=r"mini.jsonl line 2 is not a HellaSwag-layout item"):
+            read_jsonl_items(path)
 
 
 RANKS_SCRIPT = """
@@ -146,3 +147,16 @@ def test_choices_bench_scores_a_runs_checkpoints(tmp_path, cache_dir, tiny_corpu
     assert all(0 <= c["acc"] <= 1 and 0 <= c["acc_norm"] <= 1 for c in result["curve"])
     assert result["cost"]["items"] == 4 and result["cost"]["seconds"] > 0  # (a smoke run's evaluations: 1 s apart)
     assert result["command"].startswith("python bench/choices.py")
+
+
+def test_a_hub_dataset_task_loads_from_the_hf_cache_offline(hub):
+    from conftest import cache_repo
+
+    rows = [{"ctx": "A man", "endings": ["runs.", "sits."], "label": "1", "activity_label": "x"},
+            {"ctx": "The dog ", "endings": ["barks.", "meows."], "label": "0", "activity_label": "y"}]
+    cache_repo(hub, "org/mini-swag", {"data/validation-00000-of-00001.jsonl":
+                                      "".join(json.dumps(r) + "\n" for r in rows).encode()}, "dataset")
+    (task,) = load_tasks(["hf:org/mini-swag"], None, lambda: [], seed=0)
+    assert task.name == "mini-swag"
+    assert task.items == [Item("A man", [" runs.", " sits."], 1), Item("The dog ", ["barks.", "meows."], 0)]
+    assert load_tasks(["hf:org/mini-swag:validation"], 1, lambda: [], seed=0)[0].items == task.items[:1]

@@ -183,8 +183,9 @@ def accuracy(model, tokenizer, task: Task, batch_size: int, accelerator, max_len
     if isinstance(model, FSDPModule):  # every forward gathers weights from all ranks: as many on each
         per_rank = [len(_rows(tokenizer, task.items[r::accelerator.num_processes], max_len))
                     for r in range(accelerator.num_processes)]
+        idle = torch.full((1, 2), tokenizer.eos_token_id, device=accelerator.device)
         for _ in range(-(-max(per_rank) // batch_size) - n_batches):
-            ending_scores(model, tokenizer, task.items[:1], 1, accelerator, max_len)
+            token_losses(model, idle)  # one uncounted forward, as the busiest rank's batch
         model.reshard()
     right = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # by sum, by mean, items
     for item, s in zip(mine, scores):

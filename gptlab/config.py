@@ -312,6 +312,7 @@ class TasksConfig:
     # JSON-lines files in HellaSwag's layout. [] turns them off.
     names: List[str] = field(default_factory=lambda: ["next_line"])
     limit: Optional[int] = 100  # items per task (next_line draws this many); null: all of a file
+    every: Optional[int] = None  # steps between scorings; null: at every evaluation (trainer.eval_every)
 
 
 @dataclass

@@ -99,7 +99,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
           max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None, score_tasks=None) -> dict:
     """Steps start_step + 1 .. max_steps; returns the last log row with the last evaluation.
 
-    score_tasks() gives the multiple-choice accuracies (choices.py) logged with each evaluation."""
+    score_tasks() gives the multiple-choice accuracies (choices.py), logged every tasks.every steps
+    (null: with each evaluation) and at the end."""
     tc = cfg.trainer
     schedule = make_schedule(cfg.optim, cfg.scheduler, max_steps)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -107,20 +108,25 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
               tc.peak_flops, accelerator.mixed_precision)
     guard = StepGuard.from_config(tc, accelerator)
     meter, last, evaluated_at = Meter(accelerator.device), {}, None
+    tasks_every = cfg.tasks.every or tc.eval_every
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
-        accuracies = score_tasks() if score_tasks is not None else {}
-        tracker.log({**{k: metrics[k] for k in ("eval/loss", "eval/perplexity", "eval/bpb") if k in metrics},
-                     **accuracies}, t)
-        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte%s", t, metrics["eval/loss"],
-                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan),
-                 "".join(f", {k[5:]} {v:.3f}" for k, v in accuracies.items()))
-        metrics.update(accuracies)
+        tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity", "eval/bpb") if k in metrics}, t)
+        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte", t, metrics["eval/loss"],
+                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan))
         return metrics
+
+    def run_tasks(t: int) -> dict:
+        accuracies = score_tasks()
+        tracker.log(accuracies, t)
+        log.info("step %d: %s", t, ", ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in accuracies.items()))
+        return accuracies
 
     if tc.eval_on_start and start_step == 0:  # the untrained model's loss and samples, as step 0
         run_eval(0)
+        if score_tasks is not None:
+            run_tasks(0)
         if on_eval is not None:
             on_eval(0)
 
@@ -180,6 +186,9 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
             if on_eval is not None:
                 on_eval(t)
             meter.restart_clock()  # evaluation time is not training throughput
+        if score_tasks is not None and (t % tasks_every == 0 or t == max_steps):
+            last.update(run_tasks(t))
+            meter.restart_clock()  # nor is scoring the tasks
         if epoch_due:
             if evaluated_at != t:
                 metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)

@@ -111,6 +111,7 @@ def check_config(cfg) -> None:
     check_task_names(cfg.tasks.names)
     check_trackers(cfg.logger.trackers)
     _require(cfg.tasks.limit is None or cfg.tasks.limit >= 1, f"tasks.limit={cfg.tasks.limit} must be at least 1")
+    _require(cfg.tasks.every is None or cfg.tasks.every >= 1, f"tasks.every={cfg.tasks.every} must be at least 1")
     check_lora_config(mc.lora)
 
 

@@ -160,3 +160,17 @@ def test_a_hub_dataset_task_loads_from_the_hf_cache_offline(hub):
     assert task.name == "mini-swag"
     assert task.items == [Item("A man", [" runs.", " sits."], 1), Item("The dog ", ["barks.", "meows."], 0)]
     assert load_tasks(["hf:org/mini-swag:validation"], 1, lambda: [], seed=0)[0].items == task.items[:1]
+
+
+def test_tasks_are_scored_with_each_evaluation_or_at_their_own_interval(tmp_path, cache_dir, tiny_corpus):
+    from conftest import read_metrics, run_training, series
+
+    for every, steps in (("null", [4, 8]), ("3", [3, 6, 8])):
+        run_dir = tmp_path / every
+        run_training([f"run_dir={run_dir}", f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]",
+                      f"tasks.every={every}", "trainer.sample_prompts=[]"])
+        rows = read_metrics(run_dir)
+        assert [s for s, _ in series(rows, "eval/next_line/acc")] == steps
+        assert [s for s, _ in series(rows, "eval/next_line/acc_norm")] == steps
+        assert all(0 <= v <= 1 for _, v in series(rows, "eval/next_line/acc"))
+        assert [s for s, _ in series(rows, "eval/loss")] == [4, 8]

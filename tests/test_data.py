@@ -37,7 +37,8 @@ def test_pack_puts_eos_after_each_document_and_blocks_cut_the_stream(tmp_path):
     info = write_token_streams(((False, d) for d in docs), tok, tmp_path, show_progress=False)
     ids = np.fromfile(tmp_path / "train.bin", dtype=info["dtype"])
     assert info["dtype"] == "uint16" and info["train"]["tokens"] == ids.size and info["train"]["documents"] == 60
-    assert info["valid"] == {"tokens": 0, "documents": 0, "dropped_tokens": 0}
+    assert info["valid"] == {"tokens": 0, "documents": 0, "dropped_tokens": 0, "bytes": 0}
+    assert info["train"]["bytes"] == sum(len(d.encode("utf-8")) for d in docs)  # 'é' is 2 bytes
     eos = tok.eos_token_id
     assert (ids == eos).sum() == 60 and ids[-1] == eos
     first = ids[: int(np.argmax(ids == eos))]

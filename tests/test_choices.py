@@ -99,12 +99,14 @@ import json, sys, torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer, GPT2LMHeadModel
 from gptlab.choices import Task, read_jsonl_items, accuracy
+from gptlab.distributed import end_processes
 acc = Accelerator(cpu=True)
 model = GPT2LMHeadModel.from_pretrained(sys.argv[1]).eval()
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 result = accuracy(model, tok, Task("t", read_jsonl_items(sys.argv[2])), 3, acc, max_len=32)
 if acc.is_main_process:
     print("RESULT", json.dumps({"world": acc.num_processes, **result}))
+end_processes(acc)  # gloo's threads wound down before exit, or the process can abort
 """
 
 

@@ -113,7 +113,8 @@ def test_hparams_hold_the_resolved_config_and_final_metrics(fresh):
     content = events.PluginTagToContent("hparams")
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    assert [m.name.tag for m in experiment.metric_infos] == ["eval/loss", "eval/perplexity", "train/tokens_per_s"]
+    assert [m.name.tag for m in experiment.metric_infos] == ["eval/loss", "eval/perplexity", "eval/bpb",
+                                                             "train/tokens_per_s"]
     hp = start.hparams
     assert hp["optim.lr"].number_value == 1e-3
     assert hp["model.n_embd"].number_value == 32

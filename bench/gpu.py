@@ -19,6 +19,11 @@ from common import add_json_option, as_overrides, print_result, run_gptlab, writ
 GPT2_VOCAB = 50257
 
 
+def model_shape(tiny: bool) -> dict:
+    """GPT-2 124M, or the 2-layer, 64-wide model of CPU tests (GPT2Config's names)."""
+    return {"n_layer": 2, "n_head": 2, "n_embd": 64} if tiny else {"n_layer": 12, "n_head": 12, "n_embd": 768}
+
+
 def word_level_tokenizer(vocab_size: int):
     """A tokenizer of `vocab_size` ids with an eos, built in memory: run() saves and samples with it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -64,8 +69,7 @@ def main() -> None:
     import torch
 
     vocab = 512 if args.tiny else GPT2_VOCAB
-    model = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64} if args.tiny else \
-        {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768}
+    model = {f"model.{k}": v for k, v in model_shape(args.tiny).items()}
     settings = {**model, "model.n_positions": args.block, "data.block_size": args.block,
                 "trainer.micro_batch_size": args.batch, "trainer.mixed_precision": args.precision,
                 "trainer.compile": not args.no_compile, "scheduler.warmup_steps": args.warmup_steps}

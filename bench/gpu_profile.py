@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULT, ROOT, add_json_option, gptlab_run, print_result, write_json
+from common import RESULT, ROOT, add_json_option, as_overrides, gptlab_run, print_result, write_json
+from gpu import GPT2_VOCAB, model_shape, random_tokens
 
 BENCH = ROOT / "bench"
 DEFAULT_ARMS = ["trainer:16", "profile:muon:16", "gptlab:adamw:compiled:16", "gptlab:muon:compiled:32",
@@ -33,10 +34,6 @@ DEFAULT_ARMS = ["trainer:16", "profile:muon:16", "gptlab:adamw:compiled:16", "gp
                 "gptlab:adamw:compiled:32", "gptlab:adamw:compiled:8", "gptlab:adamw:eager:32",
                 "gptlab:adamw:eager:8"]
 ARM_LIMIT_S = {"trainer": 90, "profile": 120, "compiled": 120, "eager": 75}
-
-
-def model_shape(tiny: bool) -> dict:
-    return {"n_layer": 2, "n_head": 2, "n_embd": 64} if tiny else {"n_layer": 12, "n_head": 12, "n_embd": 768}
 
 
 # --- the profile: which kernel belongs where ---
@@ -103,9 +100,6 @@ def profile_worker(args) -> dict:
     """gptlab's run() with the profiler around one optimizer step after the compile."""
     import torch
     import gptlab.loop
-    from gpu import GPT2_VOCAB, random_tokens
-
-    from common import as_overrides
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)

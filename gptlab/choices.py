@@ -157,8 +157,8 @@ def _rows(tokenizer, items, max_len: int):
 
 @torch.no_grad()
 def ending_scores(model, tokenizer, items, batch_size: int, accelerator, max_len: int) -> list:
-    """Per item, per ending: (sum, mean) of the ending tokens' log-probabilities given the context;
-    and the number of batches it took."""
+    """Per item, per ending: (sum, mean) of the ending tokens' log-probabilities given the context,
+    one row per ending, `batch_size` rows a forward."""
     rows = _rows(tokenizer, items, max_len)
     scores = [[None] * len(item.endings) for item in items]
     for b in range(0, len(rows), batch_size):
@@ -171,27 +171,27 @@ def ending_scores(model, tokenizer, items, batch_size: int, accelerator, max_len
         for j, (k, e, ids, start) in enumerate(batch):
             logp = [-c for c in ce[j][start - 1:len(ids) - 1]]
             scores[k][e] = (sum(logp), sum(logp) / len(logp))
-    return scores, -(-len(rows) // batch_size)
+    return scores
 
 
 def accuracy(model, tokenizer, task: Task, batch_size: int, accelerator, max_len: int) -> dict:
     """eval/<task>/acc and acc_norm over every item, each scored on one process."""
     was_training = model.training
     model.eval()
-    mine = task.items[accelerator.process_index::accelerator.num_processes]
-    scores, n_batches = ending_scores(model, tokenizer, mine, batch_size, accelerator, max_len)
+    world = accelerator.num_processes
+    mine = task.items[accelerator.process_index::world]
+    scores = ending_scores(model, tokenizer, mine, batch_size, accelerator, max_len)
     if isinstance(model, FSDPModule):  # every forward gathers weights from all ranks: as many on each
-        per_rank = [len(_rows(tokenizer, task.items[r::accelerator.num_processes], max_len))
-                    for r in range(accelerator.num_processes)]
+        def forwards(items):  # ending_scores' batches: one row per ending
+            return -(-sum(len(item.endings) for item in items) // batch_size)
+
         idle = torch.full((1, 2), tokenizer.eos_token_id, device=accelerator.device)
-        for _ in range(-(-max(per_rank) // batch_size) - n_batches):
+        for _ in range(max(forwards(task.items[r::world]) for r in range(world)) - forwards(mine)):
             token_losses(model, idle)  # one uncounted forward, as the busiest rank's batch
         model.reshard()
-    right = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # by sum, by mean, items
-    for item, s in zip(mine, scores):
-        right[0] += max(range(len(s)), key=lambda e: s[e][0]) == item.label
-        right[1] += max(range(len(s)), key=lambda e: s[e][1]) == item.label
-        right[2] += 1
+    by_sum = sum(max(range(len(s)), key=lambda e: s[e][0]) == item.label for item, s in zip(mine, scores))
+    by_mean = sum(max(range(len(s)), key=lambda e: s[e][1]) == item.label for item, s in zip(mine, scores))
+    right = torch.tensor([by_sum, by_mean, len(mine)], dtype=torch.float64, device=accelerator.device)
     right = accelerator.reduce(right, reduction="sum").tolist()
     model.train(was_training)
     return {f"eval/{task.name}/acc": right[0] / right[2], f"eval/{task.name}/acc_norm": right[1] / right[2]}

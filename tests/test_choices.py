@@ -38,7 +38,7 @@ def model_and_tokenizer(tmp_path_factory):
 
 def test_ending_scores_are_the_hf_models_log_probabilities(model_and_tokenizer):
     model, tok, _ = model_and_tokenizer
-    scores, _ = ending_scores(model, tok, ITEMS, 3, ONE, max_len=32)  # 3: batches cut across items
+    scores = ending_scores(model, tok, ITEMS, 3, ONE, max_len=32)  # 3: batches cut across items
     for item, got in zip(ITEMS, scores):
         for ending, (total, mean) in zip(item.endings, got):
             ctx = tok(item.ctx, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
@@ -59,8 +59,8 @@ def test_a_long_context_is_cut_from_the_left(model_and_tokenizer):
     model, tok, _ = model_and_tokenizer
     long = Item(" ".join(["data frame"] * 40), [" plot", " sum"], 0)
     cut = Item(tok.decode(tok(long.ctx, add_special_tokens=False)["input_ids"][-(12 - 1):]), long.endings, 0)
-    (a,), _ = ending_scores(model, tok, [long], 2, ONE, max_len=12)
-    (b,), _ = ending_scores(model, tok, [cut], 2, ONE, max_len=12)
+    (a,) = ending_scores(model, tok, [long], 2, ONE, max_len=12)
+    (b,) = ending_scores(model, tok, [cut], 2, ONE, max_len=12)
     assert a[0] == pytest.approx(b[0], abs=1e-6)  # " plot" is one token: 11 of context remain
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from .data.blocks import IGNORE_INDEX, eval_batches
+from .data.blocks import IGNORE_INDEX, eval_batches, to_device
 from .model import token_losses
 
 
@@ -39,7 +39,7 @@ def evaluate(model, blocks, batch_size: int, accelerator, max_blocks: int | None
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     batches = eval_batches(n_blocks, batch_size, accelerator.num_processes, accelerator.process_index)
     for ids in batches:
-        x = blocks.batch(ids).to(accelerator.device, non_blocking=True)
+        x = to_device(blocks.batch(ids), accelerator.device)
         with accelerator.autocast():  # as in training: the same precision, and the LM head chunked
             ce = token_losses(model, x).double()  # (B, T-1), 0 at padding
         n = (x[:, 1:] != IGNORE_INDEX).sum(dim=1)
@@ -164,17 +164,18 @@ def main(argv=None) -> dict:
     limit = args.tasks_limit or cfg.tasks.limit
     for task in load_tasks(args.tasks, limit, lambda: documents(blocks, data.tokenizer), cfg.seed):
         metrics.update(accuracy(model, data.tokenizer, task, args.batch_size, accelerator, cfg.data.block_size))
+    accuracies = {k[len("eval/"):]: v for k, v in metrics.items() if k.endswith(("/acc", "/acc_norm"))}
     scored = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
     result = {"model": str(trained.source), "split": args.split, "loss": metrics["eval/loss"],
               "perplexity": metrics["eval/perplexity"], "bpb": metrics.get("eval/bpb"), "tokens": metrics["eval/tokens"],
               "bytes": metrics.get("eval/bytes"),
               "blocks": scored, "of_blocks": len(blocks), "block_size": cfg.data.block_size,
-              **{k[len("eval/"):]: v for k, v in metrics.items() if k.endswith(("/acc", "/acc_norm"))},
+              **accuracies,
               "data": OmegaConf.to_container(cfg.data)}
     if accelerator.is_main_process:
         print(f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
               f"{result['bpb']:.4f} bits per byte over {result['tokens']} tokens of {scored}/{len(blocks)} blocks "
-              f"({result['model']})" + "".join(f"; {k} {v:.3f}" for k, v in result.items() if k.endswith(("/acc", "/acc_norm"))),
+              f"({result['model']})" + "".join(f"; {k} {v:.3f}" for k, v in accuracies.items()),
               file=sys.stderr)
         text = json.dumps(result, ensure_ascii=False)
         print(text)

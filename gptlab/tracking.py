@@ -9,15 +9,11 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "aim": "aim"}  # tracker -> module
-
-
 def check_trackers(names) -> None:
-    """Before step 1: each tracker's package is installed."""
-    for name in names:
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(f"logger.trackers: {name} needs the {PACKAGES[name]} package: "
-                              f"pip install 'gptlab[{name}]'")
+    """Before step 1: each tracker's package (its module has the tracker's name) is installed."""
+    for name in map(str, names):
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"logger.trackers: {name} needs the {name} package: pip install 'gptlab[{name}]'")
 
 
 def start_tracker(name: str, run_dir: Path, project: str):

@@ -13,7 +13,8 @@ from .flops import MFU
 from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
-from .optim import clip_grad_norm, make_schedule, set_lr, step_unless
+from .optim import clip_grad_norm, set_lr, step_unless
+from .schedule import make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     score_tasks() gives the multiple-choice accuracies (choices.py), logged every tasks.every steps
     (null: with each evaluation) and at the end."""
     tc = cfg.trainer
-    schedule = make_schedule(cfg.optim, cfg.scheduler, max_steps)
+    schedule = make_schedule(cfg.scheduler, cfg.optim.lr, max_steps)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, accelerator.device, accelerator.num_processes,
               tc.peak_flops, accelerator.mixed_precision)

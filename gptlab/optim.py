@@ -1,4 +1,4 @@
-"""Weight-decay parameter groups, the optimizer, and the LR schedule as a function of the step."""
+"""Weight-decay parameter groups, the optimizers, and the one masked step they all take."""
 import math
 from collections.abc import Mapping
 
@@ -139,7 +139,6 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
     return MuonAdamW(muon, adamw)
 
 
-WSD_DECAYS = ("linear", "sqrt")
 # Every optimizer here can skip an update on a device flag without a host sync (step_unless):
 # fused Adam and AdamW take it as the kernel's found_inf, gptlab's own Muon and Adafactor as `reject`.
 OPTIMIZERS = {  # config.Optimizer -> builder(model, optim config); "auto" picks one of these
@@ -214,40 +213,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group at `lr` times its own `lr_scale` (Muon's groups carry muon_lr / optim.lr)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def make_schedule(optim_cfg, scheduler_cfg, max_steps: int):
-    """step -> lr for the run: optim.lr through scheduler.* (min_lr null: a tenth of optim.lr)."""
-    sc = scheduler_cfg
-    min_lr = optim_cfg.lr / 10 if sc.min_lr is None else sc.min_lr
-    return lambda step: lr_at(step, optim_cfg.lr, max_steps, sc.warmup_steps, min_lr, sc.name, sc.decay_fraction,
-                              sc.decay)
-
-
-def lr_at(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
-          name: str = "cosine", decay_fraction: float = 0.2, decay: str = "linear") -> float:
-    """LR for optimizer step `step` (1-based; the update logged as step t uses lr_at(t)).
-
-    Linear warmup reaches `lr` at `warmup_steps`; the decay then reaches `min_lr`
-    exactly at `max_steps`. Counted in optimizer steps, never in micro-batches.
-    wsd (warmup-stable-decay) holds `lr` until the last `decay_fraction` of max_steps,
-    then decays to `min_lr` along `decay`: linear, or 1-sqrt (sqrt).
-    """
-    if step < warmup_steps:
-        return lr * step / warmup_steps
-    if name == "constant":
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    if name == "cosine":
-        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if name == "linear":
-        return min_lr + (lr - min_lr) * (1.0 - progress)
-    if name == "wsd":
-        if decay not in WSD_DECAYS:
-            raise ValueError(f"scheduler.decay={decay!r}: choose {' or '.join(WSD_DECAYS)}")
-        start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
-        if step <= start:
-            return lr
-        progress = min(1.0, (step - start) / (max_steps - start))
-        return min_lr + (lr - min_lr) * (1.0 - (progress if decay == "linear" else math.sqrt(progress)))
-    raise ValueError(f"scheduler.name={name!r}: choose cosine, linear, wsd or constant")

@@ -60,7 +60,9 @@ def test_llama_gets_the_same_split_by_module_type():
 
 
 def test_each_group_has_its_own_base_lr_and_weight_decay_under_one_multiplier():
-    from gptlab.optim import build_optimizer, lr_at, set_lr
+    from gptlab.config import SchedulerConfig
+    from gptlab.optim import build_optimizer, set_lr
+    from gptlab.schedule import make_schedule
 
     model = _llama()
     opt = build_optimizer(model, OmegaConf.create(MUON))
@@ -69,7 +71,7 @@ def test_each_group_has_its_own_base_lr_and_weight_decay_under_one_multiplier():
     assert [p is model.lm_head.weight for p in decayed["params"]] == [True]
     assert isinstance(opt.inner[0], Muon)
     for step, adamw_lr in ((5, 5e-4), (10, 1e-3), (80, 1e-3), (90, 5.5e-4), (100, 1e-4)):
-        lr = lr_at(step, 1e-3, 100, 10, 1e-4, "wsd", 0.2, "linear")
+        lr = make_schedule(SchedulerConfig(name="wsd", warmup_steps=10, min_lr=1e-4), 1e-3, 100)(step)
         assert lr == pytest.approx(adamw_lr)
         set_lr(opt, lr)
         assert decayed["lr"] == plain["lr"] == lr

@@ -113,13 +113,12 @@ def test_every_choice_enum_member_is_one_the_code_handles():
     from gptlab import config
     from gptlab.data.pack import write_token_streams  # noqa: F401 (pack modes: see test_pipeline)
     from gptlab.loss import LOSSES
-    from gptlab.optim import OPTIMIZERS, lr_at
+    from gptlab.optim import OPTIMIZERS
+    from gptlab.schedule import SCHEDULES, WSD_DECAYS
 
     assert {*OPTIMIZERS, "auto"} == set(config.Optimizer)
     assert set(LOSSES) == set(config.Loss)
-    for name in config.Schedule:
-        for decay in config.WsdDecay:
-            assert 0 < lr_at(5, 1e-3, 10, 2, 1e-4, name, 0.5, decay) <= 1e-3
+    assert set(SCHEDULES) == set(config.Schedule) and set(WSD_DECAYS) == set(config.WsdDecay)
     assert set(config.NonFinite) == {"skip", "stop"} and set(config.Parallel) == {"ddp", "dp"}
 
 

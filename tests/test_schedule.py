@@ -2,46 +2,49 @@ import math
 
 import pytest
 
-from gptlab.optim import lr_at
+from gptlab.config import SchedulerConfig
+from gptlab.schedule import SCHEDULES, make_schedule
 
 LR, MIN, W, M = 1e-3, 1e-4, 10, 110
 
 
+def lr_at(step, name, max_steps=M, warmup=W, decay_fraction=0.2, decay="linear", min_lr=MIN):
+    sc = SchedulerConfig(name=name, warmup_steps=warmup, min_lr=min_lr, decay_fraction=decay_fraction, decay=decay)
+    return make_schedule(sc, LR, max_steps)(step)
+
+
 @pytest.mark.parametrize("name", ["cosine", "linear"])
 def test_schedule_points(name):
-    assert lr_at(0, LR, M, W, MIN, name) == 0.0
-    assert lr_at(5, LR, M, W, MIN, name) == pytest.approx(LR / 2)
-    assert lr_at(W, LR, M, W, MIN, name) == pytest.approx(LR)
-    assert lr_at(W + (M - W) // 2, LR, M, W, MIN, name) == pytest.approx((LR + MIN) / 2)
-    assert lr_at(M, LR, M, W, MIN, name) == pytest.approx(MIN, abs=1e-15)
+    assert lr_at(0, name) == 0.0
+    assert lr_at(5, name) == pytest.approx(LR / 2)
+    assert lr_at(W, name) == pytest.approx(LR)
+    assert lr_at(W + (M - W) // 2, name) == pytest.approx((LR + MIN) / 2)
+    assert lr_at(M, name) == pytest.approx(MIN, abs=1e-15)
 
 
 def test_cosine_and_linear_differ_between_points():
     q = W + (M - W) // 4
-    assert lr_at(q, LR, M, W, MIN, "cosine") == pytest.approx(MIN + (LR - MIN) * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_at(q, LR, M, W, MIN, "linear") == pytest.approx(MIN + (LR - MIN) * 0.75)
+    assert lr_at(q, "cosine") == pytest.approx(MIN + (LR - MIN) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(q, "linear") == pytest.approx(MIN + (LR - MIN) * 0.75)
 
 
-def test_constant_and_bad_name():
-    assert lr_at(50, LR, M, W, MIN, "constant") == LR
-    with pytest.raises(ValueError, match="scheduler.name"):
-        lr_at(50, LR, M, W, MIN, "step")
+def test_constant_and_min_lr_null():
+    assert lr_at(50, "constant") == LR
+    assert lr_at(M, "cosine", min_lr=None) == pytest.approx(LR / 10)  # a tenth of the peak
 
 
 @pytest.mark.parametrize("decay", ["linear", "sqrt"])
 def test_wsd_holds_then_decays_over_the_last_fraction(decay):
     # M=110, decay_fraction 0.2: the decay starts after step 88 and ends at 110.
-    assert lr_at(5, LR, M, W, MIN, "wsd", 0.2, decay) == pytest.approx(LR / 2)
-    assert lr_at(W, LR, M, W, MIN, "wsd", 0.2, decay) == LR  # warmup end
-    assert lr_at(50, LR, M, W, MIN, "wsd", 0.2, decay) == LR
-    assert lr_at(88, LR, M, W, MIN, "wsd", 0.2, decay) == LR  # decay start
+    assert lr_at(5, "wsd", decay=decay) == pytest.approx(LR / 2)
+    assert lr_at(W, "wsd", decay=decay) == LR  # warmup end
+    assert lr_at(50, "wsd", decay=decay) == LR
+    assert lr_at(88, "wsd", decay=decay) == LR  # decay start
     half = 0.5 if decay == "linear" else 1 - math.sqrt(0.5)
-    assert lr_at(99, LR, M, W, MIN, "wsd", 0.2, decay) == pytest.approx(MIN + (LR - MIN) * half)
-    assert lr_at(M, LR, M, W, MIN, "wsd", 0.2, decay) == MIN  # exactly, at max_steps
+    assert lr_at(99, "wsd", decay=decay) == pytest.approx(MIN + (LR - MIN) * half)
+    assert lr_at(M, "wsd", decay=decay) == MIN  # exactly, at max_steps
 
 
 def test_wsd_decay_never_starts_inside_the_warmup():
-    assert lr_at(8, LR, 10, 8, MIN, "wsd", 0.5, "linear") == LR
-    assert lr_at(9, LR, 10, 8, MIN, "wsd", 0.5, "linear") == pytest.approx((LR + MIN) / 2)
-    with pytest.raises(ValueError, match="scheduler.decay"):
-        lr_at(9, LR, 10, 8, MIN, "wsd", 0.5, "cubic")
+    assert lr_at(8, "wsd", max_steps=10, warmup=8, decay_fraction=0.5) == LR
+    assert lr_at(9, "wsd", max_steps=10, warmup=8, decay_fraction=0.5) == pytest.approx((LR + MIN) / 2)

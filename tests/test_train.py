@@ -47,11 +47,13 @@ def test_smoke_run_writes_metrics_and_tensorboard(smoke_run):
 
 
 def test_lr_follows_the_schedule_in_optimizer_steps(smoke_run):
-    from gptlab.optim import lr_at
+    from gptlab.config import SchedulerConfig
+    from gptlab.schedule import make_schedule
 
     rows = read_metrics(smoke_run[0])
+    schedule = make_schedule(SchedulerConfig(name="wsd", warmup_steps=2, min_lr=1e-4, decay_fraction=0.2), 1e-3, 8)
     for step, lr in series(rows, "train/lr"):
-        assert lr == pytest.approx(lr_at(step, 1e-3, 8, 2, 1e-4, "wsd", 0.2))  # the default: WSD
+        assert lr == pytest.approx(schedule(step))  # the default: WSD
     assert series(rows, "train/lr")[-1][1] == pytest.approx(1e-4)
 
 

@@ -3,6 +3,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
@@ -156,21 +157,21 @@ OPTIMIZERS = {  # config.Optimizer -> builder(model, optim config); "auto" picks
 SCRATCH_LR, FINE_TUNING_LR = 1e-3, 5e-5  # FINE_TUNING_LR: transformers' TrainingArguments default
 
 
-def choose_optimizer(cfg) -> str | None:
+def choose_optimizer(cfg):
     """optim=auto (the default) becomes Muon + AdamW from scratch, AdamW to fine-tune a pretrained
-    model (full or LoRA); optim.lr null becomes 1e-3 from scratch, 5e-5 to fine-tune. Returns the
-    line that says so, or None for a named optimizer. Written into cfg, so the saved config
-    records what ran."""
+    model (full or LoRA); optim.lr null becomes 1e-3 from scratch, 5e-5 to fine-tune. Returns a
+    copy of cfg with both decided (the composed config is left as it was) and the line that says
+    so, or None for a named optimizer."""
     oc, tuned = cfg.optim, cfg.model.pretrained_path
-    if oc.lr is None:
-        oc.lr = FINE_TUNING_LR if tuned else SCRATCH_LR
+    name = oc.name if oc.name != "auto" else "adamw" if tuned else "muon"
+    lr = oc.lr if oc.lr is not None else FINE_TUNING_LR if tuned else SCRATCH_LR
+    cfg = OmegaConf.merge(cfg, {"optim": {"name": name, "lr": lr}})
     if oc.name != "auto":
-        return None
-    oc.name = "adamw" if tuned else "muon"
+        return cfg, None
     why = (f"fine-tuning {tuned}{' with LoRA' if cfg.model.lora.r else ''}: Muon on weights trained with AdamW is "
            f"not the tested path" if tuned else "from scratch: it won the time-to-quality bench (docs/recipes-and-speed.md)")
     what = "AdamW" if tuned else f"Muon (muon_lr {oc.muon_lr:g}) + AdamW"
-    return f"optim=auto: {what} at lr {oc.lr:g}, {why}; optim=NAME pins another"
+    return cfg, f"optim=auto: {what} at lr {lr:g}, {why}; optim=NAME pins another"
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

@@ -60,7 +60,7 @@ def check_config(cfg) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:
         raise ConfigError(str(e).splitlines()[0].split("resolving interpolation: ")[-1]) from None
-    choose_optimizer(cfg)  # optim=auto, as run() resolves it (a no-op once resolved)
+    cfg, _ = choose_optimizer(cfg)  # optim=auto, as run() decides it
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         _require(value is None or value >= 1, f"{key}={value} must be at least 1")

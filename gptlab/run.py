@@ -77,8 +77,11 @@ def run(cfg) -> dict:
         release_run_dirs()  # the lock agree_run_dir took, also when the run fails
 
 
-def _run(cfg, early) -> dict:
-    chosen = choose_optimizer(cfg)  # optim=auto: by the job
+def _run(composed, early) -> dict:
+    # A copy of the composed config gets what this launch decides (the optimizer of optim=auto, the
+    # grad_accum of this process count, the tokenizer, each Hub id's commit) before it is saved, so
+    # the saved config records what ran; from then on it is read-only.
+    cfg, chosen = choose_optimizer(composed)
     if chosen:
         log.info(chosen)
     check_config(cfg)
@@ -87,18 +90,18 @@ def _run(cfg, early) -> dict:
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
     tc = cfg.trainer
-    # Resolved here, once, for this launch's process count; the saved config records the value used.
-    plan = BatchPlan.derive(tc, accelerator.num_processes, cfg.data.block_size)
+    plan = BatchPlan.derive(tc, accelerator.num_processes, cfg.data.block_size)  # once, for this launch
     tc.grad_accum = plan.accum
     run_dir = agree_run_dir(accelerator, run_dir)
     setup_logging(run_dir, main, early)
     if cfg.model.pretrained_path and not cfg.tokenizer.path:
         cfg.tokenizer.revision = cfg.model.revision  # the model's own tokenizer, never retrained
-    cfg.tokenizer.path = tokenizer_path(cfg)  # recorded in the saved config
+    cfg.tokenizer.path = tokenizer_path(cfg)
     # Before the config is saved: the run dir and every checkpoint store the pinned commits.
     pin_hub_ids(cfg, accelerator, Path(cfg.cache_dir).expanduser(), datasets=HfSource.reads_repo(cfg.data),
                 stream=cfg.data.streaming,
                 previous=_saved_config(run_dir, cfg.resume))
+    OmegaConf.set_readonly(cfg, True)
     if main:
         _save_config(cfg, run_dir)
     log.info("run directory %s; %d process(es), %s, mixed precision %s%s", run_dir,

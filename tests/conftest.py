@@ -29,13 +29,13 @@ def compose(overrides=()):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def run_training(overrides=()):
-    """Compose and run in this process; the Accelerator singleton is reset afterwards."""
+def run_training(overrides=(), cfg=None):
+    """Compose (or take `cfg`) and run in this process; the Accelerator singleton is reset afterwards."""
     from accelerate.state import AcceleratorState, GradientState
     from gptlab.run import run
 
     try:
-        return run(compose(overrides))
+        return run(compose(overrides) if cfg is None else cfg)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()

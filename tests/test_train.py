@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, final_weights, read_metrics, run_training, series
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose, final_weights, read_metrics, run_training, series
 
 
 def smoke(tmp_path, cache_dir, *extra):
@@ -16,7 +18,10 @@ def smoke(tmp_path, cache_dir, *extra):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("smoke")
-    result = run_training(smoke(run_dir, cache_dir))
+    cfg = compose(smoke(run_dir, cache_dir))
+    composed = OmegaConf.to_yaml(cfg)
+    result = run_training(cfg=cfg)
+    assert OmegaConf.to_yaml(cfg) == composed, "run() wrote into the composed config"
     return run_dir, result
 
 
@@ -44,6 +49,13 @@ def test_smoke_run_writes_metrics_and_tensorboard(smoke_run):
     assert [v for _, v in tb_losses] == pytest.approx([v for _, v in losses])
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_the_saved_config_records_what_the_launch_decided(smoke_run):
+    saved = OmegaConf.load(smoke_run[0] / ".hydra" / "config.yaml")
+    composed = compose(smoke(smoke_run[0], "unused"))
+    assert (composed.optim.name, composed.optim.lr, composed.trainer.grad_accum) == ("auto", None, None)
+    assert (saved.optim.name, saved.optim.lr, saved.trainer.grad_accum) == ("muon", 1e-3, 1)
 
 
 def test_lr_follows_the_schedule_in_optimizer_steps(smoke_run):

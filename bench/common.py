@@ -108,8 +108,11 @@ def gptlab_run(data, overrides: list, on_log=None):
     """gptlab.run.run() as is, its data stage pointed at `data` (a gptlab.data.prepare.Prepared).
 
     on_log(metrics, step) sees every tracker call, and (None, 0) just before the loop
-    starts; returns the composed config and metrics.jsonl's rows.
+    starts; returns the config the run saved (optim=auto decided, grad_accum derived) and
+    metrics.jsonl's rows.
     """
+    from omegaconf import OmegaConf
+
     import gptlab.run as gptlab_run
 
     on_log = on_log or (lambda metrics, step: None)
@@ -129,7 +132,8 @@ def gptlab_run(data, overrides: list, on_log=None):
         cfg = compose([*overrides, f"run_dir={run_dir}", "trainer.sample_max_new_tokens=1", "logger.tensorboard=false"])
         gptlab_run.run(cfg)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return cfg, rows
+        ran = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")  # with what the launch decided
+    return ran, rows
 
 
 def run_gptlab(data, overrides: list, steps: int, warmup_steps: int) -> dict:

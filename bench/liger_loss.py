@@ -8,9 +8,7 @@ cross-entropy (Triton) where it imports. Forward plus backward time and peak mem
 gptlab trains with its own fused loss on every device; liger is only measured here.
 """
 import argparse
-import json
 import time
-from pathlib import Path
 
 from common import add_json_option, print_result, write_json
 

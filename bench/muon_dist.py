@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import ROOT, add_json_option, free_port, write_json
 

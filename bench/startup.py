@@ -11,7 +11,6 @@ process of the run) is reported too: on a shared machine, wall time mostly measu
 the neighbours.
 """
 import argparse
-import json
 import os
 import signal
 import statistics

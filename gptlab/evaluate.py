@@ -146,7 +146,8 @@ def main(argv=None) -> dict:
 
     from .data.prepare import prepare
     from .distributed import make_accelerator
-    from .model import load_trained, max_positions
+    from .model import max_positions
+    from .trained import load_trained
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(name)s] %(message)s")
     trained = load_trained(args.path, revision=args.revision)

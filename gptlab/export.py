@@ -8,56 +8,14 @@ the unmerged peft adapter directory to <dir>/adapter (load it with peft's PeftMo
 """
 import argparse
 import logging
-import warnings
 from pathlib import Path
 
-from .checkpoint_format import (CheckpointError, check_export_destination, export_hf, find_checkpoint, load_adapters,
-                            load_weights, part_dir, read_trainer_state, strip_wrappers)
-from .lora import is_peft, merged_copy
+from .checkpoint_format import CheckpointError, check_export_destination, export_hf, read_trainer_state
+from .distributed import is_sharded
+from .lora import is_peft
+from .trained import load_checkpoint_model
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint_model(ckpt, merge: bool = True):
-    """(model, tokenizer, checkpoint dir) of a checkpoint, or of a run's latest complete one.
-
-    A LoRA checkpoint gives its base with the adapters merged in, or with `merge=False`
-    the peft model itself.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .tokenizer import load_tokenizer
-
-    ckpt = find_checkpoint(ckpt)
-    state = read_trainer_state(ckpt)
-    if state.get("layout") == "sharded":
-        weights = _read_sharded(ckpt / "pytorch_model_fsdp_0")
-    else:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    weights = {strip_wrappers(k): v for k, v in weights.items()}
-    if state.get("lora"):
-        model = _load_lora(ckpt, state["lora"], weights)
-        return (merged_copy(model) if merge else model), load_tokenizer(part_dir(ckpt, "tokenizer")), ckpt
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(part_dir(ckpt, "hf_config"))))
-    load_weights(model, weights, ckpt)
-    return model, load_tokenizer(part_dir(ckpt, "tokenizer")), ckpt
-
-
-def _load_lora(ckpt, lora: dict, adapters: dict):
-    """The checkpoint's base (by path, checked against its hash) with its trained adapters."""
-    from omegaconf import OmegaConf
-
-    from .lora import apply_lora, load_base
-
-    model_cfg = OmegaConf.load(ckpt / "config.yaml").model
-    try:
-        base = load_base(lora, model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: {e}") from None
-    model = apply_lora(base, model_cfg.lora)
-    load_adapters(model, adapters, ckpt)
-    return model
 
 
 def export_checkpoint(ckpt, out_dir, adapter: bool = False) -> Path:
@@ -77,17 +35,13 @@ def export_checkpoint(ckpt, out_dir, adapter: bool = False) -> Path:
     return out
 
 
-def _read_sharded(path) -> dict:
-    """Full tensors from an FSDP checkpoint's per-process shards, read in this one process."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
-    weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
-    with warnings.catch_warnings():  # that no_dist means one process is the point here
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(weights, checkpoint_id=str(path), no_dist=True)  # stitches the shards together
-    return {k.removeprefix("model."): v for k, v in weights.items()}  # accelerate saves {"model": state_dict}
+def export_final(model, tokenizer, final_checkpoint, out_dir) -> Path:
+    """A finished run's (unwrapped) model as a Hugging Face directory. Sharded by FSDP2, it is
+    stitched from the final checkpoint's shards, so no process gathers the whole model;
+    otherwise written from memory."""
+    if is_sharded(model):
+        return export_checkpoint(final_checkpoint, out_dir)
+    return export_hf(model, tokenizer, out_dir)
 
 
 def main(argv=None) -> int:

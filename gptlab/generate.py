@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import GenerateConfig
-from .model import load_trained, never_padded
+from .model import never_padded
+from .trained import load_trained
 
 log = logging.getLogger(__name__)
 

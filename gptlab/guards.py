@@ -15,7 +15,6 @@ flush, replayed for warnings and counters, raising TrainingHalted at a halt.
 Ranks decide on the all-reduced values, so every rank skips the same steps.
 """
 import logging
-import math
 
 import torch
 

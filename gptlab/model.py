@@ -3,7 +3,6 @@ the training loss of a (wrapped) model."""
 import logging
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .hub import is_commit, is_hub_id, resolve
-from .errors import CheckpointError, ConfigError, MissingPathError
+from .errors import ConfigError, MissingPathError
 from .lora import base_of
 from .loss import _token_ce, chunked_token_ce, fused_linear_loss
 
@@ -137,64 +136,6 @@ def load_pretrained(model_cfg, tokenizer, block_size: int):
     log.info("pretrained %s from %s: %.2fM parameters, vocab %d (model.* architecture keys are ignored)",
              type(model).__name__, path, count_parameters(model) / 1e6, model.config.vocab_size)
     return model
-
-
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def _is_export(d: Path) -> bool:
-    return (d / "config.json").is_file() and any((d / w).is_file() for w in WEIGHTS)
-
-
-def run_config(path: Path):
-    """The resolved config of the run `path` belongs to (a run dir, its final/ or a checkpoint), if any."""
-    from omegaconf import OmegaConf
-
-    # a checkpoint's own (trainer_state.json beside it), not a foreign export's config.yaml
-    candidates = [path / "config.yaml"] if (path / "trainer_state.json").is_file() or not _is_export(path) else []
-    candidates += [d / ".hydra" / "config.yaml" for d in (path, path.parent, path.parent.parent)]
-    return next((OmegaConf.load(f) for f in candidates if f.is_file()), None)
-
-
-@dataclass
-class Trained:
-    model: object
-    tokenizer: object
-    tokenizer_dir: Path
-    source: Path  # the export or checkpoint directory the weights came from
-    run_cfg: object  # the resolved config of the run that made it, or None
-
-
-def load_trained(path, device: str = "cpu", revision: str | None = None) -> Trained:
-    """The model and tokenizer of an HF export, a run dir, a checkpoint dir or a Hub id.
-
-    A run dir means its final/ export, or its latest complete checkpoint if the run did not
-    finish; a checkpoint's model is built from its config and loaded with its weights. A Hub
-    id is read through the HF cache (offline too, once cached), at `revision` if given.
-    """
-    from .checkpoint_format import part_dir
-    from .export import load_checkpoint_model
-    from .tokenizer import load_tokenizer
-
-    if is_hub_id(path):
-        path = resolve(str(path), revision, key="path").path
-    path = Path(path).expanduser().absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected an HF export, a run dir, a checkpoint or a "
-                                f"Hub id)")
-    if not _is_export(path) and _is_export(path / "final"):
-        path = path / "final"
-    if _is_export(path):
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(str(path)), load_tokenizer(path)
-    else:  # a training checkpoint, or the latest complete one of a run that did not finish
-        try:
-            model, tokenizer, path = load_checkpoint_model(path)
-        except CheckpointError as e:
-            raise FileNotFoundError(f"no model here: no HF export (config.json with weights), no final/, "
-                                    f"and {e}") from None
-    log.info("loaded %s from %s", type(model).__name__, path)
-    return Trained(never_padded(model).eval().to(device), tokenizer, part_dir(path, "tokenizer"), path,
-                   run_config(path))
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:

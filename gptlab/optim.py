@@ -1,5 +1,4 @@
 """Weight-decay parameter groups, the optimizers, and the one masked step they all take."""
-import math
 from collections.abc import Mapping
 
 import torch

@@ -11,13 +11,12 @@ from omegaconf import OmegaConf
 from .checkpoint import Checkpoints, plan_run_dir
 from .choices import accuracy, documents, load_tasks
 from .config import DEFAULT_MAX_STEPS
-from .checkpoint_format import export_hf
 from .data.blocks import BatchPlan, TrainOrder
 from .data.prepare import prepare
 from .data.sources import HfSource
 from .console import EarlyLogs, setup_logging
 from .distributed import end_processes, is_sharded, make_accelerator, prepare_model
-from .export import export_checkpoint
+from .export import export_final
 from .generate import log_samples
 from .hub import is_hub_id, pin_hub_ids
 from .lock import release_run_dirs
@@ -182,10 +181,7 @@ def _run(composed, early) -> dict:
             tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
                             {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
-            if sharded:  # from the final checkpoint's shards: no process gathers the model
-                export_checkpoint(checkpoints.latest, run_dir / "final")
-            else:
-                export_hf(unwrapped, tokenizer, run_dir / "final")
+            export_final(unwrapped, tokenizer, checkpoints.latest, run_dir / "final")
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
                      result.get("eval/loss", float("nan")), run_dir / "final")

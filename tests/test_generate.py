@@ -52,7 +52,7 @@ def test_trained_weights_are_loaded_not_reinitialised(trained_run, untrained_exp
 
 def test_sampling_options(trained_run):
     from gptlab.generate import generate
-    from gptlab.model import load_trained
+    from gptlab.trained import load_trained
 
     t = load_trained(trained_run[0])
     gen = lambda **kw: generate(t.model, t.tokenizer, "import ", 20, **kw)  # noqa: E731
@@ -94,7 +94,7 @@ def test_checkpoint_dir_and_unfinished_run(trained_run, tmp_path):
     """A checkpoint generates like the export of the same step; a run without final/ uses its
     latest complete checkpoint, skipping a truncated one."""
     from gptlab.generate import generate
-    from gptlab.model import load_trained
+    from gptlab.trained import load_trained
 
     run_dir = trained_run[0]
     ref = load_trained(run_dir / "final")
@@ -118,7 +118,7 @@ def test_checkpoint_dir_and_unfinished_run(trained_run, tmp_path):
 
 def test_training_logs_samples_at_every_evaluation(trained_run):
     from gptlab.generate import generate
-    from gptlab.model import load_trained
+    from gptlab.trained import load_trained
 
     run_dir = trained_run[0]
     rows = read_metrics(run_dir)

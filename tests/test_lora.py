@@ -94,7 +94,7 @@ def test_only_adapters_change_and_merged_export_equals_adapter_model(trained_run
     from transformers import AutoModelForCausalLM
 
     from gptlab.export import main as export
-    from gptlab.model import load_trained
+    from gptlab.trained import load_trained
 
     run_dir, _, _ = lora_run
     base_dir = trained_run[0] / "final"

@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from gptlab.config import SchedulerConfig
-from gptlab.schedule import SCHEDULES, make_schedule
+from gptlab.schedule import make_schedule
 
 LR, MIN, W, M = 1e-3, 1e-4, 10, 110
 

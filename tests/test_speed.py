@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import ROOT, SHARED, read_metrics, requires_shared, run_training, series
 
 from gptlab.flops import MFU, flops_per_token, matmul_params, model_flops_per_token, peak_flops
-from gptlab.loss import CrossEntropy, KeytokenLoss, _FusedLinearCE, cross_entropy_loss, keytoken_loss, make_loss_fn
+from gptlab.loss import KeytokenLoss, _FusedLinearCE, cross_entropy_loss, keytoken_loss, make_loss_fn
 from gptlab.model import build_model, compile_blocks, forward_loss
 
 

@@ -145,7 +145,7 @@ def test_normalised_keytoken_loss_on_two_processes_equals_one_to_the_gradient_sc
     assert "2 process(es), DistributedType.MULTI_CPU" in (tmp_path / "two" / "train.log").read_text()
     a, b = series(read_metrics(tmp_path / "one"), "train/loss"), series(read_metrics(tmp_path / "two"), "train/loss")
     assert [s for s, _ in b] == [1, 2, 3] and all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
-    wa, wb, init = final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), None
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
 

@@ -77,7 +77,7 @@ def test_eval_loss_on_the_gpu_equals_the_cpu(fp32_run):
 
 def test_generation_on_the_gpu_and_the_export_loads_on_the_cpu(fp32_run, no_tf32):
     from gptlab.generate import main as generate_main
-    from gptlab.model import load_trained
+    from gptlab.trained import load_trained
 
     run_dir, _ = fp32_run
     samples = generate_main([str(run_dir), "--prompt", "def ", "--max_new_tokens", "12", "--device", "cuda"])

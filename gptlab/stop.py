@@ -1,0 +1,66 @@
+"""Stop a live run and wait until it has saved: `python -m gptlab.stop RUN_DIR`.
+
+It sends SIGTERM to the run's rank 0 (named in RUN_DIR/run.lock; the other processes agree to
+stop with it at the next log step), then waits for the run to let go of its directory, which it
+does after its checkpoint is written. Under `accelerate launch` the launcher then exits 0 with
+its workers. Ctrl-C in the launcher's terminal saves as well, but the launcher raises
+KeyboardInterrupt and returns the prompt before the save (docs/checkpoints.md)."""
+import argparse
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint_format import CheckpointError, find_checkpoint
+from .lock import LOCK_FILE
+
+
+def _owner(lock: Path) -> dict | None:
+    """The live owner the lock file names, or None when no process holds it."""
+    try:
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # a file left by a killed run: nobody holds it
+            except BlockingIOError:
+                return json.loads(f.read() or "{}")
+    except FileNotFoundError:
+        return None
+
+
+def stop(run_dir: Path, poll_s: float = 0.5) -> str:
+    """Signal the run in `run_dir` and return once it has saved; the line that says where."""
+    lock = Path(run_dir).expanduser() / LOCK_FILE
+    owner = _owner(lock)
+    if owner is None:
+        raise SystemExit(f"error: no live run in {run_dir} (no {LOCK_FILE} held)")
+    if owner.get("host") != socket.gethostname():
+        raise SystemExit(f"error: the run in {run_dir} is on host {owner.get('host')}: run this there, or under "
+                         f"SLURM `scancel --signal=TERM --full JOBID`")
+    os.kill(owner["pid"], signal.SIGTERM)
+    print(f"sent SIGTERM to pid {owner['pid']}; waiting for the run to save and exit", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    while _owner(lock) is not None:
+        time.sleep(poll_s)
+        print(f"\r  {time.monotonic() - started:.0f} s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    try:
+        ckpt = find_checkpoint(run_dir)
+    except CheckpointError:
+        return f"the run ended with no checkpoint in {run_dir} (stopped before step 1?)"
+    return f"stopped; latest checkpoint {ckpt}; continue with resume=auto run_dir={run_dir}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptlab.stop", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="the run's directory (where run.lock is)")
+    print(stop(parser.parse_args(argv).run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

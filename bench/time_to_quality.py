@@ -67,6 +67,11 @@ ARMS = {
     "muon-wsd": MUON + WSD,
     "muon-wsd-4e-3": MUON + WSD + ["optim.muon_lr=4e-3"],
     "muon-wsd-8e-3": MUON + WSD + ["optim.muon_lr=8e-3"],
+    # issue 28's candidates, each on the default recipe; each keeps a plain GPT2LMHeadModel
+    "zero-proj": MUON + WSD + ["model.zero_init_proj=true"],
+    "untied": MUON + WSD + ["model.tie_embeddings=false"],
+    "relu2": MUON + WSD + ["model.activation=relu2"],
+    "momentum-warmup": MUON + WSD + ["optim.momentum_warmup_steps=100"],
     # bf16 autocast: native on a CPU with AVX512-BF16 or AMX (emulated, and refused here, elsewhere)
     "adamw-cosine-bf16": ADAMW + COSINE + BF16,
     "muon-wsd-bf16": MUON + WSD + BF16,

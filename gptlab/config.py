@@ -81,6 +81,12 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     # From-scratch models round the vocab up to this multiple (tensor-core friendly); 1 turns it off.
     vocab_pad_multiple: int = 64
+    # From scratch, each still a plain GPT2LMHeadModel: the MLP's activation (any name in
+    # transformers' ACT2FN, e.g. relu2 = ReLU squared), an LM head of its own instead of the
+    # token embedding's transpose, and the attention and MLP output projections started at zero.
+    activation: str = "gelu_pytorch_tanh"
+    tie_embeddings: bool = True
+    zero_init_proj: bool = False
     # A local Hugging Face causal LM to fine-tune. Its own architecture and tokenizer are
     # used (the keys above are ignored), and the tokenizer is never retrained.
     pretrained_path: Optional[str] = None
@@ -187,6 +193,10 @@ class OptimConfig:
     muon_weight_decay: float = 0.1
     momentum: float = 0.95
     ns_steps: int = 5
+    # muon: its momentum rises linearly from momentum_start to `momentum` over these first
+    # optimizer steps (modded-nanogpt: 0.85 -> 0.95 over 300); 0 keeps it constant.
+    momentum_warmup_steps: int = 0
+    momentum_start: float = 0.85
 
 
 @dataclass

@@ -13,8 +13,8 @@ from .flops import MFU
 from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
-from .optim import clip_grad_norm, set_lr, step_unless
-from .schedule import make_schedule
+from .optim import clip_grad_norm, set_lr, set_momentum, step_unless
+from .schedule import make_momentum, make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     score_tasks() gives the multiple-choice accuracies (choices.py), logged every tasks.every steps
     (null: with each evaluation) and at the end."""
     tc = cfg.trainer
-    schedule = make_schedule(cfg.scheduler, cfg.optim.lr, max_steps)
+    schedule, momentum = make_schedule(cfg.scheduler, cfg.optim.lr, max_steps), make_momentum(cfg.optim)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     mfu = MFU(accelerator.unwrap_model(model), train_blocks.block_size, accelerator.device, accelerator.num_processes,
               tc.peak_flops, accelerator.mixed_precision)
@@ -137,6 +137,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     for t in range(start_step + 1, max_steps + 1):  # t: the optimizer step, 1-based as logged
         lr = schedule(t)
         set_lr(optimizer, lr)
+        if momentum is not None:
+            set_momentum(optimizer, momentum(t))
         everyone = order.step_batches(t - 1)  # the data order counts the steps before this one
         z = sum(loss_fn.denominator(train_blocks, ids) for ids in everyone) / accelerator.num_processes
         batches = [train_blocks.batch(ids) for ids in order.micro_batches(t - 1)]

@@ -48,8 +48,8 @@ def build_model(model_cfg, tokenizer, block_size: int):
         n_embd=model_cfg.n_embd,
         n_layer=model_cfg.n_layer,
         n_head=model_cfg.n_head,
-        # The tanh GELU of GPT-2 ("gelu_new") in one fused kernel instead of seven elementwise ones.
-        activation_function="gelu_pytorch_tanh",
+        activation_function=model_cfg.activation,
+        tie_word_embeddings=model_cfg.tie_embeddings,
         resid_pdrop=model_cfg.dropout,
         embd_pdrop=model_cfg.dropout,
         attn_pdrop=model_cfg.dropout,
@@ -59,6 +59,11 @@ def build_model(model_cfg, tokenizer, block_size: int):
     )
     config._attn_implementation = attention(model_cfg.attn_implementation)
     model = GPT2LMHeadModel(config)
+    if model_cfg.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.zero_()
+                block.mlp.c_proj.weight.zero_()
     if vocab_size > len(tokenizer):  # padding ids are never sampled
         model.generation_config.suppress_tokens = list(range(len(tokenizer), vocab_size))
     log.info("GPT-2 with %.2fM parameters (%d layers, %d wide, vocab %d)",

@@ -209,6 +209,13 @@ def clip_grad_norm(accelerator, model: nn.Module, max_norm: float) -> torch.Tens
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
+    """Muon's groups (the only ones with a `momentum`) at `momentum`."""
+    for group in optimizer.param_groups:
+        if "momentum" in group:
+            group["momentum"] = momentum
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group at `lr` times its own `lr_scale` (Muon's groups carry muon_lr / optim.lr)."""
     for group in optimizer.param_groups:

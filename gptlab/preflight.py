@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+from transformers.activations import ACT2FN
 
 from .choices import check_task_names
 from .distributed import fsdp_asked
@@ -82,6 +83,8 @@ def check_config(cfg) -> None:
     if not mc.pretrained_path:  # a pretrained model brings its own shape
         _require(mc.n_embd % mc.n_head == 0, f"model.n_embd={mc.n_embd} is not divisible by model.n_head={mc.n_head}")
         _require(0 <= mc.dropout < 1, f"model.dropout={mc.dropout} must be in [0, 1)")
+        _require(mc.activation in ACT2FN, f"model.activation={mc.activation}: choose one of transformers' ACT2FN "
+                                          f"({', '.join(sorted(ACT2FN))})")
         if not cfg.tokenizer.path:
             n_special = len(cfg.tokenizer.special_tokens)
             _require(n_special >= 1, "tokenizer.special_tokens=[] needs at least one token to serve as eos")
@@ -106,6 +109,8 @@ def check_config(cfg) -> None:
             log.warning("fine-tuning %s%s with optim=muon: Muon on a model trained with AdamW is not measured "
                         "here; optim=auto (the default) picks AdamW for fine-tuning", mc.pretrained_path,
                         " (LoRA adapters)" if mc.lora.r else "")
+    _require(oc.name == "muon" or not oc.momentum_warmup_steps,
+             f"optim.momentum_warmup_steps={oc.momentum_warmup_steps} is Muon's; optim.name={oc.name} has no such momentum")
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     check_loss_config(cfg.loss)
     check_task_names(cfg.tasks.names)
@@ -120,6 +125,8 @@ def _check_muon(oc) -> None:
     _require(oc.muon_weight_decay >= 0, f"optim.muon_weight_decay={oc.muon_weight_decay} must be >= 0")
     _require(0 <= oc.momentum < 1, f"optim.momentum={oc.momentum} must be in [0, 1)")
     _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
+    _require(oc.momentum_warmup_steps >= 0, f"optim.momentum_warmup_steps={oc.momentum_warmup_steps} must be >= 0")
+    _require(0 <= oc.momentum_start < 1, f"optim.momentum_start={oc.momentum_start} must be in [0, 1)")
 
 
 def check_environment(cfg, cuda: bool) -> None:

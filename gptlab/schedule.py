@@ -1,4 +1,4 @@
-"""The LR schedule: make_schedule(scheduler config, lr, max_steps) -> (step -> lr).
+"""The LR schedule: make_schedule(scheduler config, lr, max_steps) -> (step -> lr); Muon's momentum warmup.
 
 Steps are optimizer steps, 1-based: the update logged as step t runs at schedule(t); never
 micro-batches. Every schedule warms up linearly to `lr` at scheduler.warmup_steps and ends at
@@ -44,3 +44,12 @@ def make_schedule(sc, lr: float, max_steps: int) -> Callable[[int], float]:
     min_lr = lr / 10 if sc.min_lr is None else sc.min_lr
     warmup, decay = sc.warmup_steps, SCHEDULES[sc.name](lr, min_lr, sc.warmup_steps, max_steps, sc)
     return lambda step: lr * step / warmup if step < warmup else decay(step)
+
+
+def make_momentum(oc) -> Callable[[int], float] | None:
+    """step -> Muon's momentum, rising linearly from optim.momentum_start to optim.momentum over
+    optim.momentum_warmup_steps; None when it stays constant."""
+    warmup, start, end = oc.momentum_warmup_steps, oc.momentum_start, oc.momentum
+    if not warmup:
+        return None
+    return lambda step: start + (end - start) * min(1.0, step / warmup)

@@ -220,9 +220,9 @@ def test_forward_loss_equals_model_logits_loss_with_gradients(loss_name):
 def test_vocab_padding_and_padded_ids_are_never_sampled():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32, "dropout": 0.0,
-                            "attn_implementation": "sdpa", "vocab_pad_multiple": 64,
-                            "pretrained_path": None})
+    from gptlab.config import ModelConfig
+
+    cfg = OmegaConf.structured(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32))
     model = build_model(cfg, FakeTokenizer(500), 16)
     assert model.config.vocab_size == 512
     assert model.generation_config.suppress_tokens == list(range(500, 512))

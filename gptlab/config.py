@@ -261,6 +261,11 @@ class TrainerConfig:
     # Recompute each transformer block in the backward pass instead of keeping its activations
     # (non-reentrant torch.utils.checkpoint): far less activation memory for about a third more compute.
     activation_checkpointing: bool = False
+    # An exponential moving average of the weights, decay per optimizer step (0: none; ~0.99 for a
+    # few hundred steps): evaluated beside the raw weights (eval/ema_*), kept in checkpoints, and
+    # exported to final/ in their place unless ema_export is false (ema.py).
+    ema_decay: float = 0.0
+    ema_export: bool = True
     # TensorFloat-32 matmuls on CUDA GPUs that have it; no effect on CPU.
     tf32: bool = True
     # FLOP/s of one device for train/mfu; None: a table for known GPUs, else a short matmul measurement.

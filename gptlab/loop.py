@@ -97,11 +97,12 @@ class Meter:
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
-          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None, score_tasks=None) -> dict:
+          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None, score_tasks=None, ema=None) -> dict:
     """Steps start_step + 1 .. max_steps; returns the last log row with the last evaluation.
 
     score_tasks() gives the multiple-choice accuracies (choices.py), logged every tasks.every steps
-    (null: with each evaluation) and at the end."""
+    (null: with each evaluation) and at the end. `ema` (ema.WeightAverage) is updated after every
+    step and evaluated beside the weights."""
     tc = cfg.trainer
     schedule, momentum = make_schedule(cfg.scheduler, cfg.optim.lr, max_steps), make_momentum(cfg.optim)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -113,9 +114,16 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
-        tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity", "eval/bpb") if k in metrics}, t)
-        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte", t, metrics["eval/loss"],
-                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan))
+        shown = ("eval/loss", "eval/perplexity", "eval/bpb")
+        if ema is not None:
+            with ema.swapped_in():
+                averaged = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
+            metrics.update({f"eval/ema_{k[len('eval/'):]}": averaged[k] for k in shown if k in averaged})
+            shown += ("eval/ema_loss", "eval/ema_perplexity", "eval/ema_bpb")
+        tracker.log({k: metrics[k] for k in shown if k in metrics}, t)
+        log.info("step %d: eval/loss %.4f, perplexity %.2f, %.4f bits per byte%s", t, metrics["eval/loss"],
+                 metrics["eval/perplexity"], metrics.get("eval/bpb", math.nan),
+                 f"; weight average: eval/loss {metrics['eval/ema_loss']:.4f}" if ema is not None else "")
         return metrics
 
     def run_tasks(t: int) -> dict:
@@ -143,6 +151,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
         z = sum(loss_fn.denominator(train_blocks, ids) for ids in everyone) / accelerator.num_processes
         batches = [train_blocks.batch(ids) for ids in order.micro_batches(t - 1)]
         loss, norm, reject = train_step(model, optimizer, loss_fn, batches, z, guard, t, accelerator, max_norm)
+        if ema is not None:
+            ema.update(t, reject)
         meter.add(loss, norm, reject, sum(train_blocks.n_tokens(ids) for ids in everyone))
         if t == start_step + 1:
             log_state_bytes(model, optimizer, accelerator.num_processes)  # the optimizer's state exists now

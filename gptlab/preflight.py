@@ -77,6 +77,7 @@ def check_config(cfg) -> None:
              f"trainer.mixed_precision={tc.mixed_precision} must be one of no, fp16, bf16 (or null)")
     _require(tc.spike_zscore is None or tc.spike_zscore > 0,
              f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
+    _require(0 <= tc.ema_decay < 1, f"trainer.ema_decay={tc.ema_decay} must be in [0, 1) (0: no weight average)")
     _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
 
     check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
@@ -136,6 +137,9 @@ def check_environment(cfg, cuda: bool) -> None:
     _require(not (fsdp_asked() and cfg.model.lora.r > 0),
              "model.lora.r>0 under an FSDP launch is not supported yet: launch with DDP (LoRA's gradients and "
              "optimizer state are small), or set model.lora.r=0")
+    _require(not (fsdp_asked() and cfg.trainer.ema_decay),
+             "trainer.ema_decay under an FSDP launch is not supported yet: the average would need sharding like "
+             "the weights; launch with DDP or set trainer.ema_decay=0")
     check_writable("run_dir", cfg.run_dir or "outputs")
     check_writable("cache_dir", cfg.cache_dir)
 

@@ -2,6 +2,7 @@
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from .data.prepare import prepare
 from .data.sources import HfSource
 from .console import EarlyLogs, setup_logging
 from .distributed import end_processes, is_sharded, make_accelerator, prepare_model
+from .ema import WeightAverage
 from .export import export_final
 from .generate import log_samples
 from .hub import is_hub_id, pin_hub_ids
@@ -33,7 +35,7 @@ from .preflight import check_config, check_environment, check_run, check_warmup
 
 log = logging.getLogger(__name__)
 # The final metrics next to the hyperparameters in TensorBoard's HParams tab.
-HPARAM_METRICS = ("eval/loss", "eval/perplexity", "eval/bpb", "train/tokens_per_s")
+HPARAM_METRICS = ("eval/loss", "eval/perplexity", "eval/bpb", "eval/ema_loss", "train/tokens_per_s")
 
 
 def _save_config(cfg, run_dir: Path) -> None:
@@ -147,6 +149,10 @@ def _run(composed, early) -> dict:
              " (trainer.global_batch_size; grad_accum derived)" if tc.global_batch_size else "",
              plan.micro, plan.accum, plan.processes, plan.tokens_per_step, max_steps, order.epoch_at(max_steps))
 
+    ema = None
+    if tc.ema_decay:  # registered before the resume loads it: every checkpoint holds the average
+        ema = WeightAverage(model, tc.ema_decay)
+        accelerator.register_for_checkpointing(ema)
     checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
@@ -173,7 +179,7 @@ def _run(composed, early) -> dict:
     try:
         with checkpoints.signals:
             result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
-                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample, score_tasks=score_tasks if tasks else None)
+                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample, score_tasks=score_tasks if tasks else None, ema=ema)
         accelerator.wait_for_everyone()
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)
@@ -181,10 +187,13 @@ def _run(composed, early) -> dict:
             tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
                             {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
-            export_final(unwrapped, tokenizer, checkpoints.latest, run_dir / "final")
-            log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported to %s",
+            with ema.swapped_in() if ema is not None and tc.ema_export else nullcontext():
+                export_final(unwrapped, tokenizer, checkpoints.latest, run_dir / "final")
+            log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported %sto %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
-                     result.get("eval/loss", float("nan")), run_dir / "final")
+                     result.get("eval/loss", float("nan")),
+                     f"the weight average (eval/ema_loss {result['eval/ema_loss']:.4f}) " if ema is not None and
+                     tc.ema_export and "eval/ema_loss" in result else "", run_dir / "final")
     finally:
         tracker.close()
     end_processes(accelerator)

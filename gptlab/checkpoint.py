@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
-from .checkpoint_format import (STATE_FILE, BaseMismatchError, all_true, by_model_names, checkpoint_dir, layout,
-                            check_export_destination, link_copy, list_checkpoints, load_checkpoint,
+from .checkpoint_format import (STATE_FILE, WEIGHT_AVERAGE, BaseMismatchError, all_true, by_model_names,
+                                checkpoint_dir, layout, check_export_destination, link_copy, list_checkpoints, load_checkpoint,
                             on_every_process, remove_dir,
                             save_checkpoint, step_of, update_trainer_state)
 from .lora import only_trainable
@@ -91,8 +92,9 @@ class Checkpoints:
     better one.
     """
 
-    def __init__(self, accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base=None):
+    def __init__(self, accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base=None, ema=None):
         self.acc, self.cfg, self.model, self.tokenizer, self.order = accelerator, cfg, model, tokenizer, order
+        self.ema = ema  # ema.WeightAverage: saved beside the weights, restored on resume
         self.plan = plan  # data.blocks.BatchPlan: the global batch a checkpoint records and a resume checks
         self.optimizer = optimizer
         self.lora_base = lora_base  # {"r", "base_path", "base_sha256"} of a LoRA run, else None
@@ -154,7 +156,8 @@ class Checkpoints:
             **({"lora": self.lora_base} if self.lora_base else {}),
         }
         out = save_checkpoint(self.acc, out_dir, step=step, model=self.model, cfg=self.cfg,
-                              tokenizer=self.tokenizer, trainer_state=state)
+                              tokenizer=self.tokenizer, trainer_state=state,
+                              tensors={WEIGHT_AVERAGE: self.ema.state_dict()} if self.ema is not None else None)
         log.info("saved checkpoint %s", out)
         return out
 
@@ -200,6 +203,8 @@ class Checkpoints:
             raise CheckpointError(f"resume=auto: none of the {len(candidates)} checkpoints in {self.root} "
                                   f"loads (reasons above)")
         step, self.best = state["step"], state.get("best")
+        if self.ema is not None:
+            self._load_weight_average(ckpt)
         self._check_global_batch(ckpt, state)
         # The moments are the checkpoint's; the hyperparameters (LR scales, betas, eps, weight
         # decays, momentum) this run's, as its config says: load_state_dict restored the saved ones.
@@ -212,6 +217,16 @@ class Checkpoints:
         log.info("resumed from %s: step %d, epoch %.2f, best eval/loss %s", ckpt, step, state.get("epoch", 0.0),
                  self.best and f"{self.best['eval/loss']:.4f} at step {self.best['step']}")
         return step
+
+    def _load_weight_average(self, ckpt) -> None:
+        path = Path(ckpt) / WEIGHT_AVERAGE
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt} holds no weight average, and this run has trainer.ema_decay="
+                                  f"{self.ema.decay}: resume it with trainer.ema_decay=0, or start a new run_dir")
+        try:
+            self.ema.load_state_dict(load_file(str(path)))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def _check_global_batch(self, ckpt, state) -> None:
         """The data order and the optimizer's trajectory continue only with the same global batch."""

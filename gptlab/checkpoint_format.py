@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from .distributed import is_sharded
 from .lora import is_peft, merged_copy, trainable_names
@@ -68,8 +69,13 @@ def step_of(ckpt) -> int:
 
 # ---------------------------------------------------------------------------- save
 
-def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, trainer_state=None) -> Path:
+WEIGHT_AVERAGE = "weight_average.safetensors"  # ema.WeightAverage, by parameter name
+
+
+def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, trainer_state=None,
+                    tensors=None) -> Path:
     """Write a complete checkpoint to `out_dir` atomically; every process must call it.
+    `tensors` ({file name: {name: tensor}}) are written beside the weights, as safetensors.
 
     Everything goes to a temporary sibling that is renamed to `out_dir` only when it is
     complete and on disk, so a kill at any moment leaves the earlier checkpoints and never
@@ -90,6 +96,8 @@ def save_checkpoint(accelerator, out_dir, *, step: int, model, cfg, tokenizer, t
         if not main:
             return
         OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+        for name, values in (tensors or {}).items():
+            save_file(values, str(tmp / name))
         tokenizer.save_pretrained(str(tmp))
         unwrapped = accelerator.unwrap_model(model)
         if not is_peft(unwrapped):
@@ -222,8 +230,6 @@ def load_checkpoint(accelerator, ckpt, model=None, lora_base=None) -> dict:
     if have == "sharded":
         accelerator.load_state(str(ckpt))  # torch.distributed.checkpoint, each process its own shards
         return state
-    from safetensors.torch import load_file
-
     # By the model's own names, into the unwrapped model: a checkpoint written under DDP resumes
     # on one process too (format 1 stored DDP's "module." names).
     weights = {strip_wrappers(k): v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}

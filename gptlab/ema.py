@@ -5,7 +5,7 @@ The average after optimizer step t is  avg <- avg + (1 - d_t) (w - avg)  with
 d_t = min(ema_decay, (1 + t) / (10 + t)): the warmup of the decay lets the first steps, far from
 where training goes, fade fast. A rejected step (guards.py) leaves the average as it was, on the
 device, with no host read. The average is fp32 (the weights are), on the weights' device, and
-saved in every checkpoint through Accelerate's registered state, so a resume is exact.
+every checkpoint holds it (weight_average.safetensors, by parameter name), so a resume is exact.
 """
 from contextlib import contextmanager
 
@@ -18,8 +18,10 @@ def decay_at(decay: float, t: int) -> float:
 
 class WeightAverage:
     def __init__(self, model, decay: float):
+        """`model` unwrapped, so the average is kept by the model's own parameter names."""
         self.decay = decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.average = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -41,11 +43,12 @@ class WeightAverage:
             torch._foreach_copy_([p.data for p in self.params], own)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "average": [a.cpu() for a in self.average]}
+        """{parameter name: average}, on the CPU: what weight_average.safetensors holds."""
+        return {n: a.detach().cpu().contiguous() for n, a in zip(self.names, self.average)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        if len(state["average"]) != len(self.average):
-            raise ValueError(f"the checkpoint's weight average has {len(state['average'])} tensors, this model "
-                             f"{len(self.average)}")
-        torch._foreach_copy_(self.average, [a.to(b.device) for a, b in zip(state["average"], self.average)])
+        if set(state) != set(self.names):
+            raise ValueError(f"its weight average is of other parameters (missing "
+                             f"{sorted(set(self.names) - set(state))[:3]}, unexpected {sorted(set(state) - set(self.names))[:3]})")
+        torch._foreach_copy_(self.average, [state[n].to(a.device) for n, a in zip(self.names, self.average)])

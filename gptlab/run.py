@@ -149,11 +149,8 @@ def _run(composed, early) -> dict:
              " (trainer.global_batch_size; grad_accum derived)" if tc.global_batch_size else "",
              plan.micro, plan.accum, plan.processes, plan.tokens_per_step, max_steps, order.epoch_at(max_steps))
 
-    ema = None
-    if tc.ema_decay:  # registered before the resume loads it: every checkpoint holds the average
-        ema = WeightAverage(model, tc.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base)
+    ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
+    checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base, ema)
     start_step = checkpoints.resume(cfg.resume)
     # A resumed run supersedes what was logged after its checkpoint.
     tracker = Tracker(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main, trackers=cfg.logger.trackers,

@@ -59,13 +59,10 @@ def test_both_weights_are_evaluated_and_final_is_the_average(ema_reference, ema_
     raw, averaged = dict(series(rows, "eval/loss")), dict(series(rows, "eval/ema_loss"))
     assert list(raw) == list(averaged) == [2, 4, 6, 8] and all(raw[s] != averaged[s] for s in raw)
     last = ema_reference / "checkpoints" / "step_0000008"
-    average = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)["average"]
+    average = load_file(str(last / "weight_average.safetensors"))
     final, trained = final_weights(ema_reference), load_file(str(last / "model.safetensors"))
-    from transformers import AutoModelForCausalLM
-    # in the model's parameter order, as the average keeps them (the tied LM head once, as the embedding)
-    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(str(ema_reference / "final")).named_parameters()]
-    assert len(names) == len(average)
-    for name, a in zip(names, average):
+    assert set(average) == set(trained) - {"lm_head.weight"}  # tied to the token embedding
+    for name, a in average.items():
         assert torch.equal(final[name], a), name
     assert not torch.equal(final["transformer.h.0.mlp.c_fc.weight"], trained["transformer.h.0.mlp.c_fc.weight"])
     # eval/ema_loss is the export's loss, scored independently by the evaluate CLI
@@ -94,3 +91,13 @@ def test_sigkill_then_resume_auto_is_exact_with_the_average(tmp_path, ema_base, 
     a, b = final_weights(run_dir), final_weights(ema_reference)
     for k in b:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resuming_a_checkpoint_without_an_average_says_so(tmp_path, ema_base):
+    from gptlab.errors import CheckpointError
+
+    plain = [b for b in ema_base if not b.startswith("trainer.ema_decay")]
+    run_training([f"run_dir={tmp_path}", *plain, "trainer.max_steps=4"])
+    with pytest.raises(CheckpointError, match=r"step_0000004 holds no weight average, and this run has "
+                                              r"trainer.ema_decay=0.8: resume it with trainer.ema_decay=0"):
+        run_training([f"run_dir={tmp_path}", *ema_base, "resume=auto"])

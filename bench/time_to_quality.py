@@ -73,6 +73,8 @@ ARMS = {
     "relu2": MUON + WSD + ["model.activation=relu2"],
     "momentum-warmup": MUON + WSD + ["optim.momentum_warmup_steps=100"],
     "ema-0.95": MUON + WSD + ["trainer.ema_decay=0.95"],
+    # the two that won their first round, together
+    "untied-momentum-warmup": MUON + WSD + ["model.tie_embeddings=false", "optim.momentum_warmup_steps=100"],
     "ema-0.98": MUON + WSD + ["trainer.ema_decay=0.98"],
     # bf16 autocast: native on a CPU with AVX512-BF16 or AMX (emulated, and refused here, elsewhere)
     "adamw-cosine-bf16": ADAMW + COSINE + BF16,

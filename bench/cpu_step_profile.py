@@ -21,7 +21,7 @@ import torch
 from common import add_json_option, as_overrides, gptlab_run, matmul_peak, print_result, write_json
 from time_to_quality import SHAPE, TINY, WAR_AND_PEACE, load_data
 
-MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 

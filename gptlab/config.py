@@ -194,7 +194,8 @@ class OptimConfig:
     momentum: float = 0.95
     ns_steps: int = 5
     # muon: its momentum rises linearly from momentum_start to `momentum` over these first
-    # optimizer steps (modded-nanogpt: 0.85 -> 0.95 over 300); 0 keeps it constant.
+    # optimizer steps (modded-nanogpt: 0.85 -> 0.95 over 300); 0 keeps it constant. Other
+    # optimizers ignore it (optim=auto's and optim=muon's files set 100).
     momentum_warmup_steps: int = 0
     momentum_start: float = 0.85
 

@@ -110,8 +110,6 @@ def check_config(cfg) -> None:
             log.warning("fine-tuning %s%s with optim=muon: Muon on a model trained with AdamW is not measured "
                         "here; optim=auto (the default) picks AdamW for fine-tuning", mc.pretrained_path,
                         " (LoRA adapters)" if mc.lora.r else "")
-    _require(oc.name == "muon" or not oc.momentum_warmup_steps,
-             f"optim.momentum_warmup_steps={oc.momentum_warmup_steps} is Muon's; optim.name={oc.name} has no such momentum")
     _require(0 < sc.decay_fraction <= 1, f"scheduler.decay_fraction={sc.decay_fraction} must be in (0, 1]")
     check_loss_config(cfg.loss)
     check_task_names(cfg.tasks.names)

@@ -48,8 +48,8 @@ def make_schedule(sc, lr: float, max_steps: int) -> Callable[[int], float]:
 
 def make_momentum(oc) -> Callable[[int], float] | None:
     """step -> Muon's momentum, rising linearly from optim.momentum_start to optim.momentum over
-    optim.momentum_warmup_steps; None when it stays constant."""
+    optim.momentum_warmup_steps; None when it stays constant (or the optimizer is not Muon)."""
     warmup, start, end = oc.momentum_warmup_steps, oc.momentum_start, oc.momentum
-    if not warmup:
+    if not warmup or oc.name != "muon":
         return None
     return lambda step: start + (end - start) * min(1.0, step / warmup)

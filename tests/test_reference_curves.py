@@ -23,6 +23,8 @@ ASSET = Path(__file__).resolve().parent / "assets" / "reference_curves.json"
 COMMON = [
     "model=small", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.n_positions=128",
     "model.dropout=0.0", "model.attn_implementation=sdpa", "model.vocab_pad_multiple=64",
+    "model.tie_embeddings=true", "model.activation=gelu_pytorch_tanh", "model.zero_init_proj=false",
+    "trainer.ema_decay=0.0",
     "data=text", "data.text_unit=paragraph", "data.pack=concat", "data.block_size=64",
     "tokenizer=bpe", "tokenizer.vocab_size=512", "tokenizer.min_frequency=2", "tokenizer.max_train_bytes=null",
     "loss=cross_entropy",
@@ -34,9 +36,10 @@ COMMON = [
 RECIPES = {
     "adamw_cosine": ["optim=adamw", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]",
                      "optim.eps=1e-8", "scheduler=cosine", "scheduler.warmup_steps=2", "scheduler.min_lr=1e-4"],
-    # the from-scratch default (optim=auto picks it), every value pinned
+    # Muon + WSD, every value pinned (the from-scratch default adds Muon's momentum warmup)
     "muon_wsd": ["optim=muon", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]", "optim.eps=1e-8",
                  "optim.muon_lr=2e-3", "optim.muon_weight_decay=0.1", "optim.momentum=0.95", "optim.ns_steps=5",
+                 "optim.momentum_warmup_steps=0",
                  "scheduler=wsd", "scheduler.warmup_steps=2", "scheduler.min_lr=1e-4",
                  "scheduler.decay_fraction=0.2", "scheduler.decay=linear"],
 }

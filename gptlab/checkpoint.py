@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from .checkpoint_format import (STATE_FILE, WEIGHT_AVERAGE, BaseMismatchError, all_true, by_model_names,
-                                checkpoint_dir, layout, check_export_destination, link_copy, list_checkpoints, load_checkpoint,
-                            on_every_process, remove_dir,
-                            save_checkpoint, step_of, update_trainer_state)
+                                check_export_destination, checkpoint_dir, layout, link_copy, list_checkpoints,
+                                load_checkpoint, on_every_process, remove_dir, save_checkpoint, step_of,
+                                update_trainer_state)
 from .lora import only_trainable
 from .preemption import StopSignals
 from .errors import CheckpointError, ConfigError, MissingPathError

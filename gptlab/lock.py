@@ -33,12 +33,9 @@ def lock_run_dir(run_dir: Path) -> None:
             f.close()  # the owner removed it between our open and our lock: take the new one
             return lock_run_dir(run_dir)
     except BlockingIOError:
-        f.seek(0)
-        try:
-            owner = json.loads(f.read())
-            who = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
-        except (ValueError, KeyError):
-            who = "a process that has not written its name yet"
+        owner = _read_owner(f)
+        who = (f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}" if owner
+               else "a process that has not written its name yet")
         f.close()
         raise RunDirBusyError(f"run_dir={run_dir} is in use by a live run ({who}); wait for it to end, "
                               "or choose another run_dir") from None
@@ -48,6 +45,29 @@ def lock_run_dir(run_dir: Path) -> None:
                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     f.flush()
     _held[path] = f
+
+
+def _read_owner(f) -> dict | None:
+    f.seek(0)
+    try:
+        owner = json.loads(f.read())
+    except ValueError:
+        return None
+    return owner if {"pid", "host", "started"} <= set(owner) else None
+
+
+def live_owner(run_dir: Path) -> dict | None:
+    """The run that holds run_dir's lock ({"host", "pid", "started"}), or None when no process holds
+    it (no lock file, or one left by a killed run). Its name may not be written yet: {}."""
+    try:
+        with open(Path(run_dir) / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                return _read_owner(f) or {}
+    except FileNotFoundError:
+        return None
 
 
 def release_run_dirs() -> None:

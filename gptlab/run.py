@@ -184,13 +184,14 @@ def _run(composed, early) -> dict:
             tracker.hparams(OmegaConf.to_container(cfg, resolve=True),
                             {k: result[k] for k in HPARAM_METRICS if k in result})
             unwrapped = accelerator.unwrap_model(model)
-            with ema.swapped_in() if ema is not None and tc.ema_export else nullcontext():
+            average = ema if ema is not None and tc.ema_export else None  # exported in the weights' place
+            with average.swapped_in() if average is not None else nullcontext():
                 export_final(unwrapped, tokenizer, checkpoints.latest, run_dir / "final")
             log.info("done: %d parameters, final train/loss %.4f, eval/loss %.4f; exported %sto %s",
                      count_parameters(unwrapped), result.get("train/loss", float("nan")),
                      result.get("eval/loss", float("nan")),
-                     f"the weight average (eval/ema_loss {result['eval/ema_loss']:.4f}) " if ema is not None and
-                     tc.ema_export and "eval/ema_loss" in result else "", run_dir / "final")
+                     f"the weight average (eval/ema_loss {result['eval/ema_loss']:.4f}) "
+                     if average is not None and "eval/ema_loss" in result else "", run_dir / "final")
     finally:
         tracker.close()
     end_processes(accelerator)

@@ -6,8 +6,6 @@ does after its checkpoint is written. Under `accelerate launch` the launcher the
 its workers. Ctrl-C in the launcher's terminal saves as well, but the launcher raises
 KeyboardInterrupt and returns the prompt before the save (docs/checkpoints.md)."""
 import argparse
-import fcntl
-import json
 import os
 import signal
 import socket
@@ -16,35 +14,24 @@ import time
 from pathlib import Path
 
 from .checkpoint_format import CheckpointError, find_checkpoint
-from .lock import LOCK_FILE
-
-
-def _owner(lock: Path) -> dict | None:
-    """The live owner the lock file names, or None when no process holds it."""
-    try:
-        with open(lock) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return None  # a file left by a killed run: nobody holds it
-            except BlockingIOError:
-                return json.loads(f.read() or "{}")
-    except FileNotFoundError:
-        return None
+from .lock import LOCK_FILE, live_owner
 
 
 def stop(run_dir: Path, poll_s: float = 0.5) -> str:
     """Signal the run in `run_dir` and return once it has saved; the line that says where."""
-    lock = Path(run_dir).expanduser() / LOCK_FILE
-    owner = _owner(lock)
+    run_dir = Path(run_dir).expanduser()
+    owner = live_owner(run_dir)
     if owner is None:
         raise SystemExit(f"error: no live run in {run_dir} (no {LOCK_FILE} held)")
-    if owner.get("host") != socket.gethostname():
-        raise SystemExit(f"error: the run in {run_dir} is on host {owner.get('host')}: run this there, or under "
+    if not owner:
+        raise SystemExit(f"error: the run in {run_dir} has not written its name to {LOCK_FILE} yet; try again")
+    if owner["host"] != socket.gethostname():
+        raise SystemExit(f"error: the run in {run_dir} is on host {owner['host']}: run this there, or under "
                          f"SLURM `scancel --signal=TERM --full JOBID`")
     os.kill(owner["pid"], signal.SIGTERM)
     print(f"sent SIGTERM to pid {owner['pid']}; waiting for the run to save and exit", file=sys.stderr, flush=True)
     started = time.monotonic()
-    while _owner(lock) is not None:
+    while live_owner(run_dir) is not None:
         time.sleep(poll_s)
         print(f"\r  {time.monotonic() - started:.0f} s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)

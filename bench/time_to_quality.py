@@ -178,8 +178,9 @@ def run_gptlab_arm(args, overrides: list) -> dict:
         threads.add(torch.get_num_threads())
 
     sh = shape(args)
+    # the arm's overrides come after --steps: an arm may size its own run (trainer.max_steps)
     cfg, _ = gptlab_run(load_data(args), [
-        *data_overrides(args), f"trainer.cpu_threads={args.threads}", *overrides, f"trainer.max_steps={args.steps}",
+        *data_overrides(args), f"trainer.cpu_threads={args.threads}", f"trainer.max_steps={args.steps}", *overrides,
         f"trainer.eval_every={args.eval_every}", f"trainer.log_every={args.eval_every}", "trainer.save_every=0",
         "trainer.sample_prompts=[]"], on_log)
     # Training time runs from the start (or the end of an evaluation) to the next train log,
@@ -191,9 +192,9 @@ def run_gptlab_arm(args, overrides: list) -> dict:
         elif mark[1] == "eval":
             curve.append({"step": mark[0], "train_s": wall, "train_cpu_s": cpu, "eval_loss": mark[4]})
             since = mark
-    tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * args.steps
+    tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * cfg.trainer.max_steps
     return {"curve": curve, "train_s": wall, "train_cpu_s": cpu, "tokens_per_s": tokens / wall,
-            "final_loss": curve[-1]["eval_loss"], "threads": sorted(threads),
+            "final_loss": curve[-1]["eval_loss"], "threads": sorted(threads), "max_steps": cfg.trainer.max_steps,
             "mixed_precision": cfg.trainer.mixed_precision, "optimizer": cfg.optim.name}
 
 

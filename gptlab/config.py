@@ -231,6 +231,10 @@ class TrainerConfig:
     # Micro-steps per optimizer step; null: derived from global_batch_size, or 1 without it.
     # Given explicitly next to global_batch_size, it must agree with it.
     grad_accum: Optional[int] = None
+    # Batch warmup: the first batch_warmup_steps optimizer steps read only the first
+    # batch_warmup_micro sequences of each micro batch (cheaper steps early; 0: off).
+    batch_warmup_steps: int = 0
+    batch_warmup_micro: Optional[int] = None
     # Optimizer steps. null: trainer.epochs decides, or DEFAULT_MAX_STEPS without it. Given, it wins
     # over epochs (as run_clm's max_steps does), so `trainer.max_steps=30` shrinks any preset.
     max_steps: Optional[int] = None

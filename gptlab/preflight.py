@@ -79,6 +79,11 @@ def check_config(cfg) -> None:
              f"trainer.spike_zscore={tc.spike_zscore} must be > 0 (or null to turn the guard off)")
     _require(0 <= tc.ema_decay < 1, f"trainer.ema_decay={tc.ema_decay} must be in [0, 1) (0: no weight average)")
     _require(tc.spike_window >= 2, f"trainer.spike_window={tc.spike_window} must be at least 2")
+    _require(tc.batch_warmup_steps >= 0, f"trainer.batch_warmup_steps={tc.batch_warmup_steps} must be >= 0 (0: off)")
+    _require(not tc.batch_warmup_steps or (tc.batch_warmup_micro is not None and
+                                           1 <= tc.batch_warmup_micro <= tc.micro_batch_size),
+             f"trainer.batch_warmup_micro={tc.batch_warmup_micro} must be in 1..trainer.micro_batch_size="
+             f"{tc.micro_batch_size}: the sequences of each micro batch the first batch_warmup_steps steps read")
 
     check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
     if not mc.pretrained_path:  # a pretrained model brings its own shape

@@ -141,7 +141,7 @@ def _run(composed, early) -> dict:
     model, optimizer = prepare_model(accelerator, model, optimizer, cfg.trainer.parallel)
 
     order = TrainOrder(len(data.train), plan.micro, plan.accum, plan.processes, accelerator.process_index, cfg.seed,
-                       tc.shuffle)
+                       tc.shuffle, tc.batch_warmup_steps, tc.batch_warmup_micro)
     max_steps = resolve_max_steps(tc, order)
     check_warmup(cfg.scheduler.warmup_steps, max_steps)
     log.info("global batch %d%s = micro %d x accum %d x %d process(es); %d tokens per optimizer step; "

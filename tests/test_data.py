@@ -75,6 +75,17 @@ def test_epochs_are_fresh_permutations():
     assert two[1].micro_batches(1)[0].tolist() == [6, 7]
 
 
+def test_batch_warmup_reads_the_first_sequences_of_each_micro_batch():
+    full = TrainOrder(12, micro_batch_size=2, grad_accum=2, world_size=1, rank=0, seed=0, shuffle=False)
+    warm = TrainOrder(12, 2, 2, world_size=1, rank=0, seed=0, shuffle=False, warmup_steps=2, warmup_micro=1)
+    assert [b.tolist() for b in warm.micro_batches(0)] == [[0], [2]]
+    assert [b.tolist() for b in warm.step_batches(1)] == [[4], [6]]
+    # from step warmup_steps on, the order is the one without a warmup: the step fixes the blocks
+    for step in range(2, 6):
+        assert [b.tolist() for b in warm.micro_batches(step)] == [b.tolist() for b in full.micro_batches(step)]
+    assert warm.epoch_at(3) == full.epoch_at(3)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_shares_cover_every_block_once(world):
     seen = np.concatenate([np.concatenate(eval_batches(11, 4, world, r)) for r in range(world)])

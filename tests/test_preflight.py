@@ -35,6 +35,8 @@ CONFIG_TABLE = [
                                     r"leave GPT-2's Conv1D layers in bf16"),
     ("trainer.spike_zscore=0", r"^trainer\.spike_zscore=0\.0 must be > 0"),
     ("trainer.spike_window=1", r"^trainer\.spike_window=1 must be at least 2$"),
+    ("trainer.batch_warmup_steps=20", r"^trainer\.batch_warmup_micro=None must be in 1\.\.trainer\.micro_batch_size=4"),
+    ("trainer.batch_warmup_steps=20 trainer.batch_warmup_micro=5", r"^trainer\.batch_warmup_micro=5 must be in 1"),
     ("scheduler.min_lr=0.01", r"^scheduler\.min_lr=0\.01 is greater than optim\.lr=0\.001$"),
     ("scheduler.warmup_steps=-1", r"^scheduler\.warmup_steps=-1 must be >= 0$"),
     ("optim.lr=0", r"^optim\.lr=0\.0 must be a positive number$"),
@@ -55,7 +57,7 @@ CONFIG_TABLE = [
 @pytest.mark.parametrize("override, message", CONFIG_TABLE, ids=[o for o, _ in CONFIG_TABLE])
 def test_config_table(override, message):
     with pytest.raises(ConfigError, match=message) as err:
-        check_config(compose(["debug=smoke", override]))
+        check_config(compose(["debug=smoke", *override.split()]))
     assert "\n" not in str(err.value)
 
 

@@ -141,10 +141,19 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class TrainOrder:
+    """Which blocks (samples) each optimizer step reads: a pure function of (seed, step).
+
+    Batch warmup: steps before `warmup_steps` read only the first `warmup_micro` sequences of
+    each micro batch (the rest of those micro batches are not read this epoch), so the
+    first steps cost a fraction of a full one.
+    """
+
     def __init__(self, n_blocks: int, micro_batch_size: int, grad_accum: int,
-                 world_size: int, rank: int, seed: int, shuffle: bool = True):
+                 world_size: int, rank: int, seed: int, shuffle: bool = True,
+                 warmup_steps: int = 0, warmup_micro: int | None = None):
         self.n_blocks, self.b, self.a = n_blocks, micro_batch_size, grad_accum
         self.w, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
+        self.warmup_steps, self.warmup_micro = warmup_steps, warmup_micro
         self.micro_per_epoch = n_blocks // micro_batch_size
         if self.micro_per_epoch < 1:
             raise ValueError(f"the training set has {n_blocks} blocks, fewer than one micro batch "
@@ -166,14 +175,17 @@ class TrainOrder:
         epoch, i = divmod(g, self.micro_per_epoch)
         return self._permutation(epoch)[i * self.b:(i + 1) * self.b]
 
+    def _taken(self, step: int, ids: np.ndarray) -> np.ndarray:
+        return ids[:self.warmup_micro] if step < self.warmup_steps else ids
+
     def micro_batches(self, step: int):
         """This rank's grad_accum block-id arrays for 0-based optimizer step `step`."""
-        return [self._micro_batch((step * self.a + a) * self.w + self.rank) for a in range(self.a)]
+        return [self._taken(step, self._micro_batch((step * self.a + a) * self.w + self.rank)) for a in range(self.a)]
 
     def step_batches(self, step: int):
         """Every rank's micro-batches of the step: what the loss normalises over, known to each
         rank without a collective."""
-        return [self._micro_batch(step * self.a * self.w + g) for g in range(self.a * self.w)]
+        return [self._taken(step, self._micro_batch(step * self.a * self.w + g)) for g in range(self.a * self.w)]
 
     def epoch_at(self, step: int) -> float:
         return step * self.a * self.w / self.micro_per_epoch

@@ -149,7 +149,7 @@ class Checkpoints:
             "world_size": self.acc.num_processes,
             "layout": layout(self.model),
             "data_position": {"optimizer_step": step, "seed": self.cfg.seed,
-                              "global_batch": self.plan.global_batch,
+                              "global_batch": self.plan.global_batch, "micro_batch": self.plan.micro,
                               "how": DATA_POSITION},
             "eval/loss": eval_loss,
             "best": self.best,
@@ -206,6 +206,7 @@ class Checkpoints:
         if self.ema is not None:
             self._load_weight_average(ckpt)
         self._check_global_batch(ckpt, state)
+        self._check_batch_warmup(ckpt, state, step)
         # The moments are the checkpoint's; the hyperparameters (LR scales, betas, eps, weight
         # decays, momentum) this run's, as its config says: load_state_dict restored the saved ones.
         for group, values in zip(self.optimizer.param_groups, configured, strict=True):
@@ -235,6 +236,15 @@ class Checkpoints:
             raise ConfigError(f"resume: {ckpt} was trained with a global batch of {then} sequences, this run's is "
                               f"{p.global_batch} (micro {p.micro} x accum {p.accum} x {p.processes} process(es)); set trainer.global_batch_size={then} to "
                               f"continue it (grad_accum is derived), or start a new run_dir for another batch")
+
+    def _check_batch_warmup(self, ckpt, state, step: int) -> None:
+        """Inside the batch warmup a step reads the first sequences of each micro batch, so
+        which sequences those are depends on the micro batch size: it must stay the same."""
+        then, p = state.get("data_position", {}).get("micro_batch"), self.plan
+        if step < self.order.warmup_steps and then is not None and then != p.micro:
+            raise ConfigError(f"resume: {ckpt} is at step {step}, inside the batch warmup (trainer.batch_warmup_steps="
+                              f"{self.order.warmup_steps}), which reads the first sequences of each micro batch of "
+                              f"{then}; this run's is {p.micro}: resume with trainer.micro_batch_size={then}")
 
     def _continue_elastic(self, ckpt, state, step: int) -> None:
         """Another process count, same global batch: same data, weights, optimizer and schedule.

@@ -135,3 +135,18 @@ def test_elastic_resume_with_dropout_says_the_masks_cannot_match(tmp_path, base,
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("dropout is on: its masks cannot match") == 1
     assert result["stopped"] is None and (tmp_path / "run" / "final").is_dir()
+
+
+def test_batch_warmup_resumes_exactly_and_keeps_its_micro_batch(tmp_path, base):
+    """Inside the batch warmup (6 steps, 5 of each micro batch's 20 sequences) a resume at step 4
+    continues bit-exactly; with another micro batch it would read other sequences: refused."""
+    from gptlab.errors import ConfigError
+
+    warm = [*base, "trainer.batch_warmup_steps=6", "trainer.batch_warmup_micro=5"]
+    ref = tmp_path / "ref"
+    run_training([f"run_dir={ref}", *warm])
+    run_training([*warm, *resume_copy(ref, tmp_path / "resumed")])
+    assert_same_curve(tmp_path / "resumed", ref, tol=0)
+    with pytest.raises(ConfigError, match=r"inside the batch warmup .* of each micro batch of 20; this run's is 10: "
+                                          r"resume with trainer.micro_batch_size=20$"):
+        run_training([*warm, "trainer.micro_batch_size=10", *resume_copy(ref, tmp_path / "other")])

@@ -56,6 +56,8 @@ TRAINER = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps":
 # so an arm keeps its meaning when the defaults change). `default` is whatever conf/ says.
 ADAMW, COSINE = ["optim=adamw"], ["scheduler=cosine"]
 MUON, WSD, BF16 = ["optim=muon"], ["scheduler=wsd"], ["trainer.mixed_precision=bf16"]
+MW = ["optim.momentum_warmup_steps=100"]
+BATCH_WARMUP = ["trainer.batch_warmup_steps=100", "trainer.batch_warmup_micro=4"]
 ARMS = {
     "default": [],
     "adamw-cosine": ADAMW + COSINE,  # the default before Muon + WSD: AdamW 0.9/0.95, cosine to 1e-4
@@ -71,11 +73,15 @@ ARMS = {
     "zero-proj": MUON + WSD + ["model.zero_init_proj=true"],
     "untied": MUON + WSD + ["model.tie_embeddings=false"],
     "relu2": MUON + WSD + ["model.activation=relu2"],
-    "momentum-warmup": MUON + WSD + ["optim.momentum_warmup_steps=100"],
+    "momentum-warmup": MUON + WSD + MW,
     "ema-0.95": MUON + WSD + ["trainer.ema_decay=0.95"],
     # the two that won their first round, together
-    "untied-momentum-warmup": MUON + WSD + ["model.tie_embeddings=false", "optim.momentum_warmup_steps=100"],
+    "untied-momentum-warmup": MUON + WSD + ["model.tie_embeddings=false"] + MW,
     "ema-0.98": MUON + WSD + ["trainer.ema_decay=0.98"],
+    # this session's: a higher AdamW lr (embeddings, head, norms), a shorter LR warmup, cheaper first steps
+    "lr3e-3-warmup10": MUON + WSD + MW + ["optim.lr=3e-3", "scheduler.warmup_steps=10"],
+    "fast": MUON + WSD + MW + ["optim.lr=3e-3", "scheduler.warmup_steps=10", "optim.muon_lr=4e-3"] + BATCH_WARMUP,
+    "fast-warmup30": MUON + WSD + MW + ["optim.lr=3e-3", "optim.muon_lr=4e-3"] + BATCH_WARMUP,
     # bf16 autocast: native on a CPU with AVX512-BF16 or AMX (emulated, and refused here, elsewhere)
     "adamw-cosine-bf16": ADAMW + COSINE + BF16,
     "muon-wsd-bf16": MUON + WSD + BF16,

@@ -55,7 +55,8 @@ TRAINER = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps":
 # gptlab arms: name -> Hydra overrides on top of conf/ (each names its optimizer and schedule,
 # so an arm keeps its meaning when the defaults change). `default` is whatever conf/ says.
 ADAMW, COSINE = ["optim=adamw"], ["scheduler=cosine"]
-MUON, WSD, BF16 = ["optim=muon"], ["scheduler=wsd"], ["trainer.mixed_precision=bf16"]
+# Muon and WSD as they were when these arms were first run (lr 1e-3, 30 warmup steps)
+MUON, WSD, BF16 = ["optim=muon", "optim.lr=1e-3"], ["scheduler=wsd", "scheduler.warmup_steps=30"], ["trainer.mixed_precision=bf16"]
 MW = ["optim.momentum_warmup_steps=100"]
 BATCH_WARMUP = ["trainer.batch_warmup_steps=100", "trainer.batch_warmup_micro=4"]
 ARMS = {

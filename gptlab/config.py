@@ -182,7 +182,7 @@ class OptimConfig:
     # auto (the default: muon from scratch, adamw to fine-tune) | adamw | adam | adafactor | muon
     # (betas and eps do not apply to adafactor)
     name: Optimizer = Optimizer.adamw
-    # null: by the job, 1e-3 from scratch, 5e-5 to fine-tune a pretrained model (optim=auto has it).
+    # null: by the job, 3e-3 from scratch, 5e-5 to fine-tune a pretrained model (optim=auto has it).
     lr: Optional[float] = 1e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])

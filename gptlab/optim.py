@@ -153,12 +153,14 @@ OPTIMIZERS = {  # config.Optimizer -> builder(model, optim config); "auto" picks
 }
 
 
-SCRATCH_LR, FINE_TUNING_LR = 1e-3, 5e-5  # FINE_TUNING_LR: transformers' TrainingArguments default
+# SCRATCH_LR: AdamW's lr beside Muon (embeddings, head, norms), from the time-to-quality bench
+# (bench/RESULTS.md, issue 28); FINE_TUNING_LR: transformers' TrainingArguments default.
+SCRATCH_LR, FINE_TUNING_LR = 3e-3, 5e-5
 
 
 def choose_optimizer(cfg):
     """optim=auto (the default) becomes Muon + AdamW from scratch, AdamW to fine-tune a pretrained
-    model (full or LoRA); optim.lr null becomes 1e-3 from scratch, 5e-5 to fine-tune. Returns a
+    model (full or LoRA); optim.lr null becomes 3e-3 from scratch, 5e-5 to fine-tune. Returns a
     copy of cfg with both decided (the composed config is left as it was) and the line that says
     so, or None for a named optimizer."""
     oc, tuned = cfg.optim, cfg.model.pretrained_path

@@ -78,7 +78,7 @@ def test_fsdp2_is_sharded_and_trains_like_ddp(ddp, fsdp):
     assert logged_world(ddp) == (2, "MULTI_CPU")
     assert logged_world(run_dir) == (2, "FSDP")
     log = (run_dir / "train.log").read_text()
-    assert "optim=auto: Muon (muon_lr 0.002) + AdamW at lr 0.001" in log
+    assert "optim=auto: Muon (muon_lr 0.002) + AdamW at lr 0.003" in log
     # What check_wrapped counted on rank 0 after prepare: every parameter a DTensor holding
     # about half the values (dim-0 shards of odd sizes round up on rank 0).
     m = re.search(r"FSDP2: (\d+) of (\d+) parameter values on this process, (\d+) DTensors sharded over 2", log)

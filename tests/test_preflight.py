@@ -279,7 +279,7 @@ def test_warmup_longer_than_the_run_warns(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("override,line,run_dir_made", [
-    ("scheduler.min_lr=0.5", "error: scheduler.min_lr=0.5 is greater than optim.lr=0.001", False),
+    ("scheduler.min_lr=0.5", "error: scheduler.min_lr=0.5 is greater than optim.lr=0.003", False),
     ("tokenizer.path=../nope-gptlab", "error: tokenizer.path=../nope-gptlab: no such directory", True),
 ])
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, cache_dir, override, line, run_dir_made):

@@ -55,7 +55,7 @@ def test_the_saved_config_records_what_the_launch_decided(smoke_run):
     saved = OmegaConf.load(smoke_run[0] / ".hydra" / "config.yaml")
     composed = compose(smoke(smoke_run[0], "unused"))
     assert (composed.optim.name, composed.optim.lr, composed.trainer.grad_accum) == ("auto", None, None)
-    assert (saved.optim.name, saved.optim.lr, saved.trainer.grad_accum) == ("muon", 1e-3, 1)
+    assert (saved.optim.name, saved.optim.lr, saved.trainer.grad_accum) == ("muon", 3e-3, 1)
 
 
 def test_lr_follows_the_schedule_in_optimizer_steps(smoke_run):

@@ -86,8 +86,13 @@ def worker(args, overrides: list) -> None:
         cfg = compose([*overrides, f"run_dir={tmp}/run", f"trainer.max_steps={args.steps}"])
         try:
             gptlab_run.run(cfg)
-        except Measured:
-            pass
+        except Measured:  # out of run() before its own end: end the process group as run() would
+            import torch.distributed as dist
+
+            from gptlab.distributed import settle_gloo
+            if dist.is_initialized():
+                settle_gloo()
+                dist.destroy_process_group()
     out = {"rank": rank, "peak_bytes": measured["peak_bytes"], "state": measured["state"],
            "tokens_per_s": statistics.median(measured["tokens_per_s"])}
     Path(args.worker, f"rank{rank}.json").write_text(json.dumps(out))

@@ -56,8 +56,13 @@ def end_processes(accelerator: Accelerator) -> None:
     SLURM test's job. Sleeping hands the worker the GIL first.
     """
     if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
-        time.sleep(0.3)
+        settle_gloo()
     accelerator.end_training()
+
+
+def settle_gloo() -> None:
+    """Hand gloo's worker thread the GIL to free the last collective's work (end_processes)."""
+    time.sleep(0.3)
 
 
 def make_accelerator(trainer_cfg) -> Accelerator:

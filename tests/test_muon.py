@@ -126,7 +126,7 @@ def base(cache_dir, tiny_corpus):
     return [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "data.valid_fraction=0.2",
             "tokenizer.vocab_size=384", "trainer.micro_batch_size=10", "trainer.grad_accum=2",
             f"trainer.max_steps={STEPS}", "trainer.eval_every=3", "trainer.save_every=3", "optim=muon",
-            "optim.muon_lr=4e-3", "scheduler=wsd", "scheduler.warmup_steps=2", "scheduler.decay_fraction=0.5"]
+            "optim.lr=1e-3", "optim.muon_lr=4e-3", "scheduler=wsd", "scheduler.warmup_steps=2", "scheduler.decay_fraction=0.5"]
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ CONFIG_TABLE = [
     ("trainer.spike_window=1", r"^trainer\.spike_window=1 must be at least 2$"),
     ("trainer.batch_warmup_steps=20", r"^trainer\.batch_warmup_micro=None must be in 1\.\.trainer\.micro_batch_size=4"),
     ("trainer.batch_warmup_steps=20 trainer.batch_warmup_micro=5", r"^trainer\.batch_warmup_micro=5 must be in 1"),
-    ("scheduler.min_lr=0.01", r"^scheduler\.min_lr=0\.01 is greater than optim\.lr=0\.001$"),
+    ("scheduler.min_lr=0.01", r"^scheduler\.min_lr=0\.01 is greater than optim\.lr=0\.003$"),
     ("scheduler.warmup_steps=-1", r"^scheduler\.warmup_steps=-1 must be >= 0$"),
     ("optim.lr=0", r"^optim\.lr=0\.0 must be a positive number$"),
     ("optim.lr=nan", r"^optim\.lr=nan must be a positive number$"),

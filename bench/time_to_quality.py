@@ -199,7 +199,9 @@ def run_gptlab_arm(args, overrides: list) -> dict:
         elif mark[1] == "eval":
             curve.append({"step": mark[0], "train_s": wall, "train_cpu_s": cpu, "eval_loss": mark[4]})
             since = mark
-    tokens = sh["trainer.micro_batch_size"] * sh["data.block_size"] * cfg.trainer.max_steps
+    tc = cfg.trainer
+    warm = min(tc.batch_warmup_steps, tc.max_steps)  # steps that read batch_warmup_micro of each micro batch
+    tokens = (tc.micro_batch_size * (tc.max_steps - warm) + (tc.batch_warmup_micro or 0) * warm) * sh["data.block_size"]
     return {"curve": curve, "train_s": wall, "train_cpu_s": cpu, "tokens_per_s": tokens / wall,
             "final_loss": curve[-1]["eval_loss"], "threads": sorted(threads), "max_steps": cfg.trainer.max_steps,
             "mixed_precision": cfg.trainer.mixed_precision, "optimizer": cfg.optim.name}

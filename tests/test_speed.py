@@ -372,7 +372,9 @@ def test_time_to_quality_bench_runs(tmp_path):
 
     out, text = tmp_path / "ttq.json", tmp_path / "war_and_peace_start.txt"
     text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")
-    arms = ["adamw-cosine", "muon-wsd", *(["trainer-bf16", "muon-wsd-bf16"] if fast_cpu_precision("bf16") else [])]
+    half = "half=trainer.batch_warmup_steps=2,trainer.batch_warmup_micro=2"  # steps 1-2 read 2 of 4 sequences
+    arms = ["adamw-cosine", "muon-wsd", half,
+            *(["trainer-bf16", "muon-wsd-bf16"] if fast_cpu_precision("bf16") else [])]
     stdout = run_bench(ROOT / "bench" / "time_to_quality.py", "--tiny", "--steps", 4, "--eval-every", 2,
                        *[a for arm in arms for a in ("--arm", arm)], "--threads", 1, "--cache-dir", tmp_path,
                        "--text", text, "--json", out)
@@ -389,3 +391,6 @@ def test_time_to_quality_bench_runs(tmp_path):
         assert [p["step"] for p in curve] == [2, 4]
         assert 0 < curve[0]["train_s"] < curve[1]["train_s"]
         assert all(p["eval_loss"] > 0 for p in curve)
+    # tokens/s counts the tokens read: 2 steps of 2 blocks of 64 and 2 of 4
+    run = summary["results"][half][0]
+    assert run["tokens_per_s"] * run["train_s"] == pytest.approx((2 * 2 + 2 * 4) * 64)

@@ -148,6 +148,9 @@ def _run(composed, early) -> dict:
              "%d steps (%.2f epochs)", plan.global_batch,
              " (trainer.global_batch_size; grad_accum derived)" if tc.global_batch_size else "",
              plan.micro, plan.accum, plan.processes, plan.tokens_per_step, max_steps, order.epoch_at(max_steps))
+    if tc.batch_warmup_steps:
+        log.info("batch warmup: steps 1-%d read %d of each micro batch's %d sequences", tc.batch_warmup_steps,
+                 tc.batch_warmup_micro, plan.micro)
 
     ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
     checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base, ema)

@@ -145,6 +145,7 @@ def test_batch_warmup_resumes_exactly_and_keeps_its_micro_batch(tmp_path, base):
     warm = [*base, "trainer.batch_warmup_steps=6", "trainer.batch_warmup_micro=5"]
     ref = tmp_path / "ref"
     run_training([f"run_dir={ref}", *warm])
+    assert "batch warmup: steps 1-6 read 5 of each micro batch's 20 sequences" in (ref / "train.log").read_text()
     run_training([*warm, *resume_copy(ref, tmp_path / "resumed")])
     assert_same_curve(tmp_path / "resumed", ref, tol=0)
     with pytest.raises(ConfigError, match=r"inside the batch warmup .* of each micro batch of 20; this run's is 10: "

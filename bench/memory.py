@@ -54,8 +54,11 @@ def peak_bytes() -> int:
 
 def worker(args, overrides: list) -> None:
     """One rank of one configuration; writes out/rank<r>.json."""
+    import torch.distributed as dist
+
     import gptlab.loop as gptlab_loop
     import gptlab.run as gptlab_run
+    from gptlab.distributed import settle_gloo
     from gpu import random_tokens
 
     measured = {"tokens_per_s": []}
@@ -87,9 +90,6 @@ def worker(args, overrides: list) -> None:
         try:
             gptlab_run.run(cfg)
         except Measured:  # out of run() before its own end: end the process group as run() would
-            import torch.distributed as dist
-
-            from gptlab.distributed import settle_gloo
             if dist.is_initialized():
                 settle_gloo()
                 dist.destroy_process_group()

@@ -22,6 +22,14 @@ def fast_cpu_precision(precision: str) -> bool:
     return False
 
 
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matmul is native on `device`: a GPU with bf16 tensor cores (compute capability
+    8.0 and later; a V100 emulates it), a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return fast_cpu_precision("bf16")
+
+
 def resolve_mixed_precision(requested, cuda: bool) -> str:
     """The run's precision. Unset: bf16 on a GPU with bf16 tensor cores (compute capability 8.0
     and later), fp16 with a GradScaler on 7.x (V100, T4), fp32 below and on a CPU.

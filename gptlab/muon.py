@@ -3,7 +3,9 @@
 Muon's update is the momentum orthogonalised by a Newton–Schulz iteration, as
 torch.optim.Muon computes it (Keller Jordan's quintic coefficients, in bf16), scaled by
 0.2·sqrt(max(rows, cols)) so that its RMS matches AdamW's ("match_rms_adamw"). gptlab has
-its own copy for two things torch's lacks:
+its own copy for three things torch's lacks:
+- Newton–Schulz in fp32 where bf16 matmul is emulated (a CPU without AVX512-BF16 or AMX, a
+  V100): there bf16 made it ~37x slower than fp32, most of a step (bench/RESULTS.md);
 - `step(reject=flag)` leaves the weights and the momentum as they were where a device flag
   says so, without reading the flag back to the host (see optim.step_unless);
 - FSDP2. Newton–Schulz needs each matrix whole, and FSDP2 shards it by rows over the
@@ -14,23 +16,28 @@ its own copy for two things torch's lacks:
   gather is started before the first Newton–Schulz, every scatter before the first update,
   so the transfers overlap the work.
 """
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from .distributed import native_bf16_matmul
+
+log = logging.getLogger(__name__)
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
 
 
-def orthogonalise(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """Newton–Schulz: about U·Vᵀ of g = U·S·Vᵀ, its singular values pushed towards 1, in bf16.
+def orthogonalise(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Newton–Schulz: about U·Vᵀ of g = U·S·Vᵀ, its singular values pushed towards 1, in `dtype`.
 
     `g` is one matrix or a stack (n, rows, cols) of same-shaped ones, each orthogonalised on its own.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
@@ -49,11 +56,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class _RowSharded:
     """A row-sharded matrix's update on its way to its owner, orthogonalised there, and back."""
 
-    def __init__(self, param: DTensor, update: torch.Tensor, index: int, steps: int):
+    def __init__(self, param: DTensor, update: torch.Tensor, index: int, steps: int, dtype: torch.dtype):
         if param.device_mesh.ndim != 1 or param.placements != (Shard(0),):
             raise ValueError(f"Muon takes FSDP2's row shards (Shard(0) on one mesh dimension), not "
                              f"{param.placements} on a {param.device_mesh.ndim}-D mesh")
-        self.group, self.steps = param.device_mesh.get_group(), steps
+        self.group, self.steps, self.dtype = param.device_mesh.get_group(), steps, dtype
         size = dist.get_world_size(self.group)
         self.owner, self.mine = index % size, dist.get_rank(self.group) == index % size
         self.rows, self.chunk = param.shape[0], math.ceil(param.shape[0] / size)  # Shard(0) cuts as torch.chunk
@@ -62,12 +69,12 @@ class _RowSharded:
         padded[:self.local_rows] = update
         self.pieces = [torch.empty_like(padded) for _ in range(size)] if self.mine else None
         self.work = dist.gather(padded, self.pieces, group=self.group, group_dst=self.owner, async_op=True)
-        self.out = torch.empty(self.chunk, update.shape[1], dtype=torch.bfloat16, device=update.device)
+        self.out = torch.empty(self.chunk, update.shape[1], dtype=dtype, device=update.device)
 
     def orthogonalise_and_send(self) -> None:
         self.work.wait()
         if self.mine:
-            full = orthogonalise(torch.cat(self.pieces)[:self.rows], self.steps)
+            full = orthogonalise(torch.cat(self.pieces)[:self.rows], self.steps, self.dtype)
             spare = len(self.pieces) * self.chunk - self.rows
             self.pieces = list(torch.cat([full, full.new_zeros(spare, full.shape[1])]).chunk(len(self.pieces)))
         self.work = dist.scatter(self.out, self.pieces, group=self.group, group_src=self.owner, async_op=True)
@@ -80,9 +87,13 @@ class _RowSharded:
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised, for 2-D parameters (plain or FSDP2-sharded); decoupled weight decay."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_steps: int):
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_steps: int,
+                 ns_dtype: torch.dtype | None = None):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                                   "ns_steps": ns_steps})
+        # None: bf16 (torch's choice) where bf16 matmul is native on the weights' device, fp32 where it is
+        # emulated. Not in the param groups: a checkpoint would carry it to a machine with other hardware.
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             if any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon takes 2-D parameters only")
@@ -118,7 +129,7 @@ class Muon(torch.optim.Optimizer):
         buf, grad, weight = torch.stack(bufs), torch.stack([p.grad for p in params]), torch.stack(params)
         new_buf = buf.lerp(grad, 1 - group["momentum"])
         update = grad.lerp(new_buf, group["momentum"])  # Nesterov
-        new_p = self._updated(weight, orthogonalise(update, group["ns_steps"]), group, params[0].shape)
+        new_p = self._updated(weight, orthogonalise(update, group["ns_steps"], self._ns_dtype(weight.device)), group, params[0].shape)
         if reject is not None:
             new_buf, new_p = torch.where(reject, buf, new_buf), torch.where(reject, weight, new_p)
         torch._foreach_copy_(bufs, list(new_buf.unbind()))
@@ -130,7 +141,7 @@ class Muon(torch.optim.Optimizer):
             buf, grad = _local(self.state[p]["momentum_buffer"]), _local(p.grad)
             new_buf = buf.lerp(grad, 1 - group["momentum"])
             update = grad.lerp(new_buf, group["momentum"])  # Nesterov
-            todo.append((p, group, buf, new_buf, _RowSharded(p, update, index, group["ns_steps"])))
+            todo.append((p, group, buf, new_buf, _RowSharded(p, update, index, group["ns_steps"], self._ns_dtype(buf.device))))
         for *_, update in todo:
             update.orthogonalise_and_send()
         for p, group, buf, new_buf, update in todo:
@@ -142,6 +153,14 @@ class Muon(torch.optim.Optimizer):
             else:
                 buf.copy_(torch.where(reject, buf, new_buf))
                 weight.copy_(torch.where(reject, weight, new_p))
+
+    def _ns_dtype(self, device: torch.device) -> torch.dtype:
+        if self.ns_dtype is None:
+            self.ns_dtype = torch.bfloat16 if native_bf16_matmul(device) else torch.float32
+            if self.ns_dtype == torch.float32:
+                log.info("Muon: Newton-Schulz in fp32, not bf16: bf16 matmul is emulated on this %s (a CPU without "
+                         "AVX512-BF16/AMX, a GPU before compute capability 8.0), ~37x slower there", device.type)
+        return self.ns_dtype
 
     @staticmethod
     def _updated(weight: torch.Tensor, o: torch.Tensor, group: dict, shape) -> torch.Tensor:

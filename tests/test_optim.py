@@ -57,13 +57,51 @@ def test_muon_is_torchs_muon():
     results = []
     for make in (lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, ns_steps=5,
                                              adjust_lr_fn="match_rms_adamw"),
-                 lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, ns_steps=5)):
+                 lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16)):
         model = _model()
         mats = [p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n]
         opt = make(mats)
         results.append(_steps(model, opt, 4))
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k]), k
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dtypes of every matmul run under it."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.baddbmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS:
+            self.dtypes.add(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch, native):
+    """Muon's Newton-Schulz runs in bf16 (torch's choice) only where bf16 matmul is native: on a CPU
+    without AVX512-BF16/AMX it is emulated, ~37x slower than fp32 (bench/RESULTS.md)."""
+    from gptlab.muon import Muon, orthogonalise
+
+    monkeypatch.setattr("gptlab.distributed.fast_cpu_precision", lambda precision: native)
+    model = _model()
+    mats = [p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n]
+    before = [p.detach().clone() for p in mats]
+    opt = Muon(mats, lr=0.02, weight_decay=0.0, momentum=0.0, ns_steps=5)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=x, labels=x).loss.backward()
+    with _MatmulDtypes() as seen:
+        opt.step()
+    dtype = torch.bfloat16 if native else torch.float32
+    assert seen.dtypes == {dtype}
+    for p, w in zip(mats, before):  # momentum 0, no decay: the step is the orthogonalised gradient, scaled
+        update = orthogonalise(p.grad, 5, dtype).to(w.dtype) * 0.02 * 0.2 * max(p.shape) ** 0.5
+        torch.testing.assert_close(p.detach(), w - update, rtol=0, atol=1e-6)
 
 
 def test_adafactor_is_the_hf_trainers():

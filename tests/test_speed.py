@@ -394,3 +394,16 @@ def test_time_to_quality_bench_runs(tmp_path):
     # tokens/s counts the tokens read: 2 steps of 2 blocks of 64 and 2 of 4
     run = summary["results"][half][0]
     assert run["tokens_per_s"] * run["train_s"] == pytest.approx((2 * 2 + 2 * 4) * 64)
+
+
+@pytest.mark.slow
+@requires_shared
+def test_ns_precision_bench_runs(tmp_path):
+    out, text = tmp_path / "ns.json", tmp_path / "war_and_peace_start.txt"
+    text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    stdout = run_bench(ROOT / "bench" / "ns_precision.py", "--tiny", "--steps", 2, "--repeats", 1,
+                       "--cache-dir", tmp_path, "--text", text, "--json", out)
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["native", "avx2"] and "emulated (AVX2 only)" in stdout
+    for row in results.values():
+        assert all(row[f"ns_{d}_s"] > 0 and row[f"default_{d}_tokens_per_s"] > 0 for d in ("bf16", "fp32")), row

@@ -86,7 +86,7 @@ class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch, native):
     """Muon's Newton-Schulz runs in bf16 (torch's choice) only where bf16 matmul is native: on a CPU
     without AVX512-BF16/AMX it is emulated, 33x slower than fp32 (bench/ns_precision.py)."""
-    from gptlab.muon import Muon, orthogonalise
+    from gptlab.muon import Muon
 
     monkeypatch.setattr("gptlab.distributed.fast_cpu_precision", lambda precision: native)
     model = _model()
@@ -160,3 +160,43 @@ def test_a_rejected_step_leaves_weights_and_state_as_they_were(name):
         for k in a:
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
     assert any(not torch.equal(runs[0][0][k], got[k]) for k in got)  # rejecting changed the outcome
+
+
+SHARDED_NS = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import gptlab.distributed
+gptlab.distributed.fast_cpu_precision = lambda precision: False  # a CPU that emulates bf16
+from gptlab.muon import Muon, orthogonalise
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+w, g = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), torch.randn(16, 8)
+p = torch.nn.Parameter(distribute_tensor(w.clone(), init_device_mesh("cpu", (1,)), [Shard(0)]))
+p.grad = distribute_tensor(g.clone(), p.device_mesh, [Shard(0)])
+opt = Muon([p], lr=0.02, weight_decay=0.0, momentum=0.0, ns_steps=5)
+opt.step()
+x = g.mT / g.norm()  # Newton-Schulz in fp32, written out: Keller Jordan's quintic, 5 iterations
+for _ in range(5):
+    gram = x @ x.mT
+    x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+update = (w - p.full_tensor()) / (0.02 * 0.2 * 16 ** 0.5)
+torch.testing.assert_close(update, x.mT, rtol=0, atol=1e-5)  # bf16 is off by ~1e-2
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_sharded_muon_orthogonalises_in_fp32_where_bf16_is_emulated():
+    """FSDP2's path (a row-sharded matrix gathered on its owner) takes the same precision as the
+    plain one. Its own process: a process group of one, a 1-D mesh, Shard(0)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    proc = subprocess.run([sys.executable, "-c", SHARDED_NS], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PORT": str(free_port())})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -86,7 +86,7 @@ class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch, native):
     """Muon's Newton-Schulz runs in bf16 (torch's choice) only where bf16 matmul is native: on a CPU
     without AVX512-BF16/AMX it is emulated, 33x slower than fp32 (bench/ns_precision.py)."""
-    from gptlab.muon import Muon
+    from gptlab.muon import Muon, orthogonalise
 
     monkeypatch.setattr("gptlab.distributed.fast_cpu_precision", lambda precision: native)
     model = _model()
@@ -168,7 +168,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 import gptlab.distributed
 gptlab.distributed.fast_cpu_precision = lambda precision: False  # a CPU that emulates bf16
-from gptlab.muon import Muon, orthogonalise
+from gptlab.muon import Muon
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 dist.init_process_group("gloo", rank=0, world_size=1)

@@ -6,7 +6,8 @@ shows how such a CPU computes on this one: a second process limits oneDNN and AT
 - Newton–Schulz alone: the time-to-quality model's 16 matrices (4 layers × c_attn, attn
   c_proj, c_fc, mlp c_proj), stacked by shape as Muon stacks them, 5 iterations, bf16 and fp32;
 - gptlab's default recipe at that size (bench/time_to_quality.py's data and shape), tokens/s
-  over a few steps with Newton–Schulz in bf16 (what gptlab did everywhere before) and in fp32.
+  over a few steps with Newton–Schulz in bf16 (what gptlab did everywhere before) and in fp32,
+  and the seeds' Trainer (time_to_quality.py's Trainer arm, fp32) over as many steps.
 gptlab now takes bf16 where the CPU says it has native bf16 matmul and fp32 elsewhere
 (gptlab.distributed.native_bf16_matmul); the AVX2 process's CPU still says it has it, so there
 both are forced.
@@ -19,13 +20,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
 import torch
 
-from common import RESULT, add_json_option, as_overrides, print_result, run_gptlab, write_json
-from time_to_quality import SHAPE, TINY, WAR_AND_PEACE, load_data
+from common import RESULT, StepClock, add_json_option, as_overrides, print_result, run_gptlab, write_json
+from time_to_quality import SHAPE, TINY, TRAINER, WAR_AND_PEACE, load_data
+from train_vs_trainer import make_trainer
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -46,6 +49,24 @@ def newton_schulz_s(shape: dict, dtype: torch.dtype, repeats: int) -> float:
     return best
 
 
+def trainer_tokens_per_s(data, shape: dict, steps: int, warmup_steps: int) -> float:
+    from transformers import TrainerCallback
+
+    clock = StepClock()
+
+    class Clocked(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            clock.stamp(state.global_step)
+
+    model_kw = {k: shape[f"model.{k}"] for k in ("n_positions", "n_embd", "n_layer", "n_head")}
+    batch = shape["trainer.micro_batch_size"]
+    with tempfile.TemporaryDirectory() as out:
+        make_trainer(data, shape["data.block_size"], steps, out, model_kw, dict(
+            per_device_train_batch_size=batch, logging_steps=warmup_steps, seed=shape["seed"], **TRAINER),
+            [Clocked()]).train()
+    return clock.rates(batch * shape["data.block_size"], warmup_steps, steps)["tokens_per_s"]
+
+
 def worker(args) -> None:
     import gptlab.muon
 
@@ -58,6 +79,7 @@ def worker(args) -> None:
         run = run_gptlab(data, [*as_overrides(shape), "trainer.cpu_threads=1", "trainer.sample_prompts=[]",
                                 "trainer.save_every=0"], args.steps + 2, 2)
         result[f"default_{name}_tokens_per_s"] = run["tokens_per_s"]
+    result["trainer_tokens_per_s"] = trainer_tokens_per_s(data, shape, args.steps + 2, 2)
     print_result(result)
 
 
@@ -85,12 +107,13 @@ def main() -> None:
         results[cpu] = json.loads(lines[-1][len(RESULT):])
     write_json(args.json, {"results": results})
     print(f"{'bf16 matmul':22s} {'NS bf16 s':>10s} {'NS fp32 s':>10s} {'bf16/fp32':>9s}   "
-          f"{'default tok/s, NS bf16':>22s} {'NS fp32':>8s} {'fp32/bf16':>9s}")
+          f"{'default tok/s, NS bf16':>22s} {'NS fp32':>8s} {'Trainer':>8s}   x Trainer, NS bf16 / fp32")
     for cpu, r in results.items():
+        bf16, fp32, trainer = (r[k] for k in ("default_bf16_tokens_per_s", "default_fp32_tokens_per_s",
+                                               "trainer_tokens_per_s"))
         print(f"{'native' if cpu == 'native' else 'emulated (AVX2 only)':22s} {r['ns_bf16_s']:10.3f} "
               f"{r['ns_fp32_s']:10.3f} {r['ns_bf16_s'] / r['ns_fp32_s']:8.1f}x   "
-              f"{r['default_bf16_tokens_per_s']:22.0f} {r['default_fp32_tokens_per_s']:8.0f} "
-              f"{r['default_fp32_tokens_per_s'] / r['default_bf16_tokens_per_s']:8.2f}x")
+              f"{bf16:22.0f} {fp32:8.0f} {trainer:8.0f}   {bf16 / trainer:.2f}x / {fp32 / trainer:.2f}x")
 
 
 if __name__ == "__main__":

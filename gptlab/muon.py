@@ -5,7 +5,7 @@ torch.optim.Muon computes it (Keller Jordan's quintic coefficients, in bf16), sc
 0.2·sqrt(max(rows, cols)) so that its RMS matches AdamW's ("match_rms_adamw"). gptlab has
 its own copy for three things torch's lacks:
 - Newton–Schulz in fp32 where bf16 matmul is emulated (a CPU without AVX512-BF16 or AMX, a
-  V100): there bf16 Newton–Schulz measured 33x slower than fp32 and the default recipe 7.4x
+  V100): there bf16 Newton–Schulz measured 33-37x slower than fp32 and the default recipe ~7x
   slower (bench/ns_precision.py);
 - `step(reject=flag)` leaves the weights and the momentum as they were where a device flag
   says so, without reading the flag back to the host (see optim.step_unless);
@@ -160,7 +160,7 @@ class Muon(torch.optim.Optimizer):
             self.ns_dtype = torch.bfloat16 if native_bf16_matmul(device) else torch.float32
             if self.ns_dtype == torch.float32:
                 log.info("Muon: Newton-Schulz in fp32, not bf16: this %s emulates bf16 matmul (a CPU without "
-                         "AVX512-BF16/AMX, a GPU before compute capability 8.0), where bf16 ran 33x slower",
+                         "AVX512-BF16/AMX, a GPU before compute capability 8.0), where bf16 ran ~35x slower",
                          device.type)
         return self.ns_dtype
 

@@ -85,7 +85,7 @@ class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("native", [True, False])
 def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch, native):
     """Muon's Newton-Schulz runs in bf16 (torch's choice) only where bf16 matmul is native: on a CPU
-    without AVX512-BF16/AMX it is emulated, 33x slower than fp32 (bench/ns_precision.py)."""
+    without AVX512-BF16/AMX it is emulated, 33-37x slower than fp32 (bench/ns_precision.py)."""
     from gptlab.muon import Muon, orthogonalise
 
     monkeypatch.setattr("gptlab.distributed.fast_cpu_precision", lambda precision: native)

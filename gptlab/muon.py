@@ -130,7 +130,8 @@ class Muon(torch.optim.Optimizer):
         buf, grad, weight = torch.stack(bufs), torch.stack([p.grad for p in params]), torch.stack(params)
         new_buf = buf.lerp(grad, 1 - group["momentum"])
         update = grad.lerp(new_buf, group["momentum"])  # Nesterov
-        new_p = self._updated(weight, orthogonalise(update, group["ns_steps"], self._ns_dtype(weight.device)), group, params[0].shape)
+        o = orthogonalise(update, group["ns_steps"], self._ns_dtype(weight.device))
+        new_p = self._updated(weight, o, group, params[0].shape)
         if reject is not None:
             new_buf, new_p = torch.where(reject, buf, new_buf), torch.where(reject, weight, new_p)
         torch._foreach_copy_(bufs, list(new_buf.unbind()))
@@ -142,7 +143,8 @@ class Muon(torch.optim.Optimizer):
             buf, grad = _local(self.state[p]["momentum_buffer"]), _local(p.grad)
             new_buf = buf.lerp(grad, 1 - group["momentum"])
             update = grad.lerp(new_buf, group["momentum"])  # Nesterov
-            todo.append((p, group, buf, new_buf, _RowSharded(p, update, index, group["ns_steps"], self._ns_dtype(buf.device))))
+            sent = _RowSharded(p, update, index, group["ns_steps"], self._ns_dtype(buf.device))
+            todo.append((p, group, buf, new_buf, sent))
         for *_, update in todo:
             update.orthogonalise_and_send()
         for p, group, buf, new_buf, update in todo:

@@ -81,10 +81,14 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     # From-scratch models round the vocab up to this multiple (tensor-core friendly); 1 turns it off.
     vocab_pad_multiple: int = 64
-    # From scratch, each still a plain GPT2LMHeadModel: the MLP's activation (any name in
-    # transformers' ACT2FN, e.g. relu2 = ReLU squared), an LM head of its own instead of the
-    # token embedding's transpose, and the attention and MLP output projections started at zero.
-    activation: str = "gelu_pytorch_tanh"
+    # From scratch: the architecture, gpt2 (GPT2LMHeadModel), llama (rotary positions, RMSNorm,
+    # a SiLU-gated MLP) or qwen3 (Llama's plus QK-norm), each a transformers class that loads
+    # with no custom code. Then the MLP's activation (any name in transformers' ACT2FN, e.g.
+    # relu2 = ReLU squared; null: GPT-2's tanh GELU, Llama's and Qwen3's SiLU), an LM head of its
+    # own instead of the token embedding's transpose, the attention and MLP output projections
+    # started at zero.
+    arch: str = "gpt2"
+    activation: Optional[str] = None
     tie_embeddings: bool = True
     zero_init_proj: bool = False
     # A local Hugging Face causal LM to fine-tune. Its own architecture and tokenizer are

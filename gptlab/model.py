@@ -1,4 +1,4 @@
-"""Build a GPT-2 from the config sized to the tokenizer, or load a local pretrained causal LM;
+"""Build a GPT-2 (or a Llama or Qwen3) from the config sized to the tokenizer, or load a local pretrained causal LM;
 the training loss of a (wrapped) model."""
 import logging
 import math
@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel,
-                          PreTrainedModel)
+                          LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .hub import is_commit, is_hub_id, resolve
@@ -42,33 +42,57 @@ def build_model(model_cfg, tokenizer, block_size: int):
         raise ConfigError(f"model.vocab_pad_multiple={model_cfg.vocab_pad_multiple}: give 1 (no padding) or more")
     # Matmuls over a vocab that is a multiple of 64 use whole tensor-core tiles (nanoGPT: 50257 -> 50304).
     vocab_size = math.ceil(len(tokenizer) / model_cfg.vocab_pad_multiple) * model_cfg.vocab_pad_multiple
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=model_cfg.n_positions,
-        n_embd=model_cfg.n_embd,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        activation_function=model_cfg.activation,
-        tie_word_embeddings=model_cfg.tie_embeddings,
-        resid_pdrop=model_cfg.dropout,
-        embd_pdrop=model_cfg.dropout,
-        attn_pdrop=model_cfg.dropout,
-        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config._attn_implementation = attention(model_cfg.attn_implementation)
-    model = GPT2LMHeadModel(config)
+    ids = dict(bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = ARCHITECTURES[model_cfg.arch](model_cfg, vocab_size, ids)
     if model_cfg.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
         with torch.no_grad():
-            for block in model.transformer.h:
-                block.attn.c_proj.weight.zero_()
-                block.mlp.c_proj.weight.zero_()
+            for name, p in model.named_parameters():
+                if name.endswith(OUTPUT_PROJECTIONS):
+                    p.zero_()
     if vocab_size > len(tokenizer):  # padding ids are never sampled
         model.generation_config.suppress_tokens = list(range(len(tokenizer), vocab_size))
-    log.info("GPT-2 with %.2fM parameters (%d layers, %d wide, vocab %d)",
-             count_parameters(model) / 1e6, config.n_layer, config.n_embd, config.vocab_size)
+    c = model.config
+    log.info("%s with %.2fM parameters (%d layers, %d wide, vocab %d)", type(model).__name__,
+             count_parameters(model) / 1e6, c.num_hidden_layers, c.hidden_size, c.vocab_size)
     return never_padded(model)
+
+
+def _gpt2(model_cfg, vocab_size: int, ids: dict):
+    config = GPT2Config(vocab_size=vocab_size, n_positions=model_cfg.n_positions, n_embd=model_cfg.n_embd,
+                        n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+                        activation_function=model_cfg.activation or "gelu_pytorch_tanh",
+                        tie_word_embeddings=model_cfg.tie_embeddings, resid_pdrop=model_cfg.dropout,
+                        embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout, **ids)
+    config._attn_implementation = attention(model_cfg.attn_implementation)
+    return GPT2LMHeadModel(config)
+
+
+def _rotary(config_class, model_class):
+    """Llama's block (rotary positions, RMSNorm, a SiLU-gated MLP, no biases); Qwen3's adds RMSNorm
+    on each head's queries and keys (QK-norm). The gated MLP's three matrices are 8/3 as wide as
+    the model (rounded up to a multiple of 64), as many weights as GPT-2's two at 4x."""
+    def build(model_cfg, vocab_size: int, ids: dict):
+        config = config_class(
+            vocab_size=vocab_size, hidden_size=model_cfg.n_embd,
+            intermediate_size=math.ceil(8 * model_cfg.n_embd / 3 / 64) * 64,
+            num_hidden_layers=model_cfg.n_layer, num_attention_heads=model_cfg.n_head,
+            num_key_value_heads=model_cfg.n_head, head_dim=model_cfg.n_embd // model_cfg.n_head,
+            max_position_embeddings=model_cfg.n_positions, hidden_act=model_cfg.activation or "silu",
+            tie_word_embeddings=model_cfg.tie_embeddings, **ids)
+        config._attn_implementation = attention(model_cfg.attn_implementation)
+        model = model_class(config)
+        # The embedding's padding_idx would never train the pad id's row, and gptlab's pad is
+        # its eos, which every document ends with.
+        model.get_input_embeddings().padding_idx = None
+        return model
+    return build
+
+
+ARCHITECTURES = {"gpt2": _gpt2, "llama": _rotary(LlamaConfig, LlamaForCausalLM),
+                 "qwen3": _rotary(Qwen3Config, Qwen3ForCausalLM)}
+# The attention and MLP output projections, by each architecture's names.
+OUTPUT_PROJECTIONS = ("attn.c_proj.weight", "mlp.c_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
 def _no_padding_guess(input_ids, attention_mask) -> None:
@@ -170,10 +194,15 @@ def _when_training(block: nn.Module, compiled, eager):
     return forward
 
 
+# Causal LMs whose logits are their LM head's product with the final hidden states, nothing
+# scaled or capped after it, so the loss can take the head over (loss.fused_linear_loss).
+FUSED_HEAD = (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM)
+
+
 def _lm_head(model):
-    """The GPT-2 inside a prepared model (DDP, compiled, peft), whose LM head the loss fuses; else None."""
+    """The causal LM inside a prepared model (DDP, compiled, peft) whose LM head the loss fuses; else None."""
     inner = base_of(extract_model_from_parallel(model, keep_torch_compile=False))
-    return inner if isinstance(inner, GPT2LMHeadModel) else None
+    return inner if isinstance(inner, FUSED_HEAD) else None
 
 
 def _final_hidden(model, inputs: torch.Tensor) -> torch.Tensor:
@@ -190,26 +219,26 @@ def forward_loss(model, labels: torch.Tensor, loss_fn, z=None) -> torch.Tensor:
     `z` is this process's share of the step's denominator (see loss.py). The inputs are the
     labels with padding read as token 0: it only ever follows a sample's last token, where
     causal attention hides it from every real one.
-    For GPT-2 the model stops at the final hidden states and the LM head is fused into
-    the loss (see loss.fused_linear_loss); any other model computes its logits.
-    Under LoRA the peft wrapper passes the call through to the GPT-2 inside, whose (frozen)
+    For GPT-2, Llama and Qwen3 the model stops at the final hidden states and the LM head is
+    fused into the loss (see loss.fused_linear_loss); any other model computes its logits.
+    Under LoRA the peft wrapper passes the call through to the model inside, whose (frozen)
     head the fused loss reads.
     """
-    inputs, gpt2 = labels.clamp_min(0), _lm_head(model)
-    if gpt2 is None:
+    inputs, lm = labels.clamp_min(0), _lm_head(model)
+    if lm is None:
         return loss_fn(model(input_ids=inputs, use_cache=False).logits, labels, z)
-    return fused_linear_loss(_final_hidden(model, inputs), gpt2.lm_head.weight, labels,
+    return fused_linear_loss(_final_hidden(model, inputs), lm.lm_head.weight, labels,
                              loss_fn.token_weights(labels, z))
 
 
 @torch.no_grad()
 def token_losses(model, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) next-token cross-entropies, 0 at padding (evaluation). GPT-2's come from the LM
+    """(B, T-1) next-token cross-entropies, 0 at padding (evaluation). FUSED_HEAD models' come from the LM
     head a chunk of rows at a time, so the (B, T, V) logits never exist; any other model's from its logits."""
-    inputs, gpt2 = labels.clamp_min(0), _lm_head(model)
-    if gpt2 is None:
+    inputs, lm = labels.clamp_min(0), _lm_head(model)
+    if lm is None:
         return _token_ce(model(input_ids=inputs, use_cache=False).logits, labels)
-    return chunked_token_ce(_final_hidden(model, inputs), gpt2.lm_head.weight, labels)
+    return chunked_token_ce(_final_hidden(model, inputs), lm.lm_head.weight, labels)
 
 
 def apply_activation_checkpointing(model, enabled: bool) -> None:

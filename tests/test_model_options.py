@@ -1,12 +1,12 @@
-"""model.zero_init_proj, model.tie_embeddings=false, model.activation and Muon's momentum warmup:
-each keeps a plain GPT2LMHeadModel that transformers loads with no custom code."""
+"""model.arch, model.zero_init_proj, model.tie_embeddings=false, model.activation and Muon's
+momentum warmup: each builds a plain transformers class that loads with no custom code."""
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel, pipeline
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, pipeline
 
 from conftest import read_metrics, run_training, series, weights
-from test_speed import FakeTokenizer
+from test_speed import FakeTokenizer, make_loss_fn
 
 
 def build(**options):
@@ -65,3 +65,67 @@ def test_muon_momentum_rises_over_the_warmup_and_only_muons_groups_take_it():
     opt = build_optimizer(build(), oc)
     set_momentum(opt, 0.9)
     assert [g.get("momentum") for g in opt.param_groups] == [0.9, None]  # Muon's; AdamW's (tied: one group)
+
+
+@pytest.mark.parametrize("arch, cls", [("llama", LlamaForCausalLM), ("qwen3", Qwen3ForCausalLM)])
+def test_rotary_architectures_are_built_as_configured_with_the_fused_head(arch, cls):
+    from gptlab.model import forward_loss, token_losses
+    from gptlab.optim import muon_split
+
+    model = build(arch=arch, zero_init_proj=True)
+    c = model.config
+    assert type(model) is cls and (c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (32, 2, 2)
+    assert (c.head_dim, c.num_key_value_heads, c.intermediate_size, c.max_position_embeddings) == (16, 2, 128, 32)
+    assert c.hidden_act == "silu" and c.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert hasattr(model.model.layers[0].self_attn, "q_norm") == (arch == "qwen3")  # QK-norm
+    for layer in model.model.layers:
+        assert layer.self_attn.o_proj.weight.abs().sum() == 0 and layer.mlp.down_proj.weight.abs().sum() == 0
+        assert layer.self_attn.q_proj.weight.abs().sum() > 0
+    # Muon takes the seven matrices of each block; AdamW the embedding (and head) and the norms.
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, _ = muon_split(model)
+    assert sorted(names[i].split(".", 3)[3] for i in muon) == sorted(
+        2 * ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"])
+    # The loss with the LM head fused into it: the model's own logits' loss and gradients.
+    model = build(arch=arch)
+    x = torch.randint(0, 500, (3, 16), generator=torch.Generator().manual_seed(2))
+    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), FakeTokenizer(500))
+    fused = forward_loss(model, x, loss_fn)
+    fused.backward()
+    g_fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=x).logits
+    plain = loss_fn(logits, x)
+    plain.backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+    torch.testing.assert_close(token_losses(model, x), ce, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_eos_embedding_trains(arch):
+    """gptlab's pad id is its eos, which ends every document: Llama's embedding would never update
+    that row (nn.Embedding's padding_idx) if gptlab left it set."""
+    model = build(arch=arch, tie_embeddings=False)  # untied: the head's gradient reaches every row
+    x = torch.tensor([[3, 4, 0, 5, 6, 0, 7, 8]])
+    make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), FakeTokenizer(500))(model(input_ids=x).logits, x).backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad[0].abs().sum() > 0 and grad[9].abs().sum() == 0  # eos (id 0) is in the batch, id 9 is not
+
+
+def test_a_llama_run_exports_a_model_pipeline_loads(tmp_path, cache_dir):
+    run_training([f"run_dir={tmp_path}", f"cache_dir={cache_dir}", "debug=smoke", "trainer.max_steps=4",
+                  "model.arch=qwen3", "model.tie_embeddings=false"])
+    final = tmp_path / "final"
+    saved = weights(final)
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    assert type(model) is Qwen3ForCausalLM and not model.config.tie_word_embeddings
+    for name in ("lm_head.weight", "model.layers.1.self_attn.q_norm.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(model.state_dict()[name], saved[name], rtol=0, atol=0)
+    out = pipeline("text-generation", model=str(final))("def ", max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_text"].startswith("def ")
+    losses = [v for _, v in series(read_metrics(tmp_path), "train/loss")]
+    assert len(losses) == 4 and losses[-1] < losses[0]

@@ -83,6 +83,10 @@ ARMS = {
     "lr3e-3-warmup10": MUON + WSD + MW + ["optim.lr=3e-3", "scheduler.warmup_steps=10"],
     "fast": MUON + WSD + MW + ["optim.lr=3e-3", "scheduler.warmup_steps=10", "optim.muon_lr=4e-3"] + BATCH_WARMUP,
     "fast-warmup30": MUON + WSD + MW + ["optim.lr=3e-3", "optim.muon_lr=4e-3"] + BATCH_WARMUP,
+    # issue 28's fifth round: the default recipe on transformers' rotary architectures (model.arch)
+    "llama-untied": ["optim=muon", "scheduler=wsd", "model.arch=llama", "model.tie_embeddings=false"],
+    "qwen3": ["optim=muon", "scheduler=wsd", "model.arch=qwen3"],
+    "qwen3-untied": ["optim=muon", "scheduler=wsd", "model.arch=qwen3", "model.tie_embeddings=false"],
     # bf16 autocast: native on a CPU with AVX512-BF16 or AMX (emulated, and refused here, elsewhere)
     "adamw-cosine-bf16": ADAMW + COSINE + BF16,
     "muon-wsd-bf16": MUON + WSD + BF16,

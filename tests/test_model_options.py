@@ -5,7 +5,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, pipeline
 
-from conftest import read_metrics, run_training, series, weights
+from conftest import final_weights, read_metrics, run_training, series, weights
+from fault_harness import install
 from test_speed import FakeTokenizer, make_loss_fn
 
 
@@ -129,3 +130,23 @@ def test_a_llama_run_exports_a_model_pipeline_loads(tmp_path, cache_dir):
     assert out[0]["generated_text"].startswith("def ")
     losses = [v for _, v in series(read_metrics(tmp_path), "train/loss")]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stopped_qwen3_run_resumes_exactly(tmp_path, cache_dir, tiny_corpus):
+    """Rotary caches, QK-norm and Muon over nn.Linear save and resume like GPT-2 (test_resume.py)."""
+    base = [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "tokenizer.vocab_size=384",
+            "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=3", "model.arch=qwen3"]
+    run_training([f"run_dir={tmp_path / 'a'}", *base])
+    undo = install("sigterm_in_step:3")
+    try:
+        assert run_training([f"run_dir={tmp_path / 'b'}", *base])["stopped"] == "SIGTERM"
+    finally:
+        undo()
+    run_training([f"run_dir={tmp_path / 'b'}", *base, "resume=auto"])
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    for key in ("train/loss", "eval/loss"):
+        assert series(a, key) == series(b, key), key
+    assert [s for s, _ in series(b, "train/loss")] == list(range(1, 7))
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

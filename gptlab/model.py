@@ -1,5 +1,5 @@
-"""Build a GPT-2 (or a Llama or Qwen3) from the config sized to the tokenizer, or load a local pretrained causal LM;
-the training loss of a (wrapped) model."""
+"""Build a GPT-2 (or a Llama or Qwen3) from the config sized to the tokenizer, or load a local
+pretrained causal LM; the training loss of a (wrapped) model."""
 import logging
 import math
 import warnings

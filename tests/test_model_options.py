@@ -112,7 +112,8 @@ def test_the_eos_embedding_trains(arch):
     that row (nn.Embedding's padding_idx) if gptlab left it set."""
     model = build(arch=arch, tie_embeddings=False)  # untied: the head's gradient reaches every row
     x = torch.tensor([[3, 4, 0, 5, 6, 0, 7, 8]])
-    make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), FakeTokenizer(500))(model(input_ids=x).logits, x).backward()
+    loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), FakeTokenizer(500))
+    loss_fn(model(input_ids=x).logits, x).backward()
     grad = model.get_input_embeddings().weight.grad
     assert grad[0].abs().sum() > 0 and grad[9].abs().sum() == 0  # eos (id 0) is in the batch, id 9 is not
 

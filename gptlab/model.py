@@ -81,11 +81,7 @@ def _rotary(config_class, model_class):
             max_position_embeddings=model_cfg.n_positions, hidden_act=model_cfg.activation or "silu",
             tie_word_embeddings=model_cfg.tie_embeddings, **ids)
         config._attn_implementation = attention(model_cfg.attn_implementation)
-        model = model_class(config)
-        # The embedding's padding_idx would never train the pad id's row, and gptlab's pad is
-        # its eos, which every document ends with.
-        model.get_input_embeddings().padding_idx = None
-        return model
+        return model_class(config)
     return build
 
 
@@ -100,7 +96,13 @@ def _no_padding_guess(input_ids, attention_mask) -> None:
 
 
 def never_padded(model):
-    """Turn off transformers' guess that a pad id at either end of the ids means padding.
+    """Turn off what a model does for padding, which gptlab never feeds it.
+
+    The input embedding's padding_idx (Llama's and Qwen3's, from config.pad_token_id) would
+    leave the pad id's row untrained, and the pad id is gptlab's eos (and many tokenizers'),
+    which ends every document: without padding it only ever stops real tokens' gradients.
+
+    And transformers' guess that a pad id at either end of the ids means padding.
 
     gptlab never pads: training and evaluation read packed blocks, and a sample is one
     prompt. But eos doubles as the pad id and starts or ends many blocks, and generate()
@@ -108,6 +110,9 @@ def never_padded(model):
     recommend passing in an `attention_mask`" in every default run. An explicit mask on
     every forward would cost a mask per step and change the attention path for nothing.
     """
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, nn.Embedding):
+        embedding.padding_idx = None
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             module.warn_if_padding_and_no_attention_mask = _no_padding_guess

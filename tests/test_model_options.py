@@ -106,11 +106,19 @@ def test_rotary_architectures_are_built_as_configured_with_the_fused_head(arch, 
     torch.testing.assert_close(token_losses(model, x), ce, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_the_eos_embedding_trains(arch):
+@pytest.mark.parametrize("arch, pretrained", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_the_eos_embedding_trains(arch, pretrained, tmp_path):
     """gptlab's pad id is its eos, which ends every document: Llama's embedding would never update
-    that row (nn.Embedding's padding_idx) if gptlab left it set."""
+    that row (nn.Embedding's padding_idx) if gptlab left it set, from scratch or fine-tuning
+    (an export's config.json names pad_token_id)."""
+    from gptlab.config import ModelConfig
+    from gptlab.model import build_model
+
     model = build(arch=arch, tie_embeddings=False)  # untied: the head's gradient reaches every row
+    if pretrained:
+        model.save_pretrained(tmp_path)
+        assert type(AutoModelForCausalLM.from_pretrained(tmp_path).model.embed_tokens.padding_idx) is int
+        model = build_model(OmegaConf.structured(ModelConfig(pretrained_path=str(tmp_path))), FakeTokenizer(500), 16)
     x = torch.tensor([[3, 4, 0, 5, 6, 0, 7, 8]])
     loss_fn = make_loss_fn(OmegaConf.create({"name": "cross_entropy"}), FakeTokenizer(500))
     loss_fn(model(input_ids=x).logits, x).backward()

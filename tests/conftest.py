@@ -41,6 +41,19 @@ def run_training(overrides=(), cfg=None):
         GradientState._reset_state()
 
 
+def run_stopped_at(step: int, overrides=()):
+    """run_training, SIGTERMed inside optimizer step `step`: the run saves a checkpoint and returns."""
+    from fault_harness import install
+
+    undo = install(f"sigterm_in_step:{step}")
+    try:
+        result = run_training(overrides)
+    finally:
+        undo()
+    assert result["stopped"] == "SIGTERM"
+    return result
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread: bit-exact comparisons need every run, here and in subprocesses,

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, compose, free_port, read_metrics, requires_shared, run_training, series
-from fault_harness import install
+from conftest import (ROOT, SHARED, compose, free_port, read_metrics, requires_shared, run_stopped_at, run_training,
+                      series)
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -249,11 +249,7 @@ def test_lora_resume_is_exact(tmp_path, resume_base, one_thread):
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     run_training([f"run_dir={ref}", *resume_base])
-    undo = install("sigterm_in_step:2")
-    try:
-        assert run_training([f"run_dir={run}", *resume_base])["stopped"] == "SIGTERM"
-    finally:
-        undo()
+    run_stopped_at(2, [f"run_dir={run}", *resume_base])
     assert not (run / "final").exists()
     run_training([f"run_dir={run}", *resume_base, "resume=auto"])
     for key in ("train/loss", "eval/loss", "train/grad_norm"):

@@ -5,8 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, pipeline
 
-from conftest import final_weights, read_metrics, run_training, series, weights
-from fault_harness import install
+from conftest import final_weights, read_metrics, run_stopped_at, run_training, series, weights
 from test_speed import FakeTokenizer, make_loss_fn
 
 
@@ -147,11 +146,7 @@ def test_a_stopped_qwen3_run_resumes_exactly(tmp_path, cache_dir, tiny_corpus):
     base = [f"cache_dir={cache_dir}", "debug=smoke", f"data.paths=[{tiny_corpus}]", "tokenizer.vocab_size=384",
             "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=3", "model.arch=qwen3"]
     run_training([f"run_dir={tmp_path / 'a'}", *base])
-    undo = install("sigterm_in_step:3")
-    try:
-        assert run_training([f"run_dir={tmp_path / 'b'}", *base])["stopped"] == "SIGTERM"
-    finally:
-        undo()
+    run_stopped_at(3, [f"run_dir={tmp_path / 'b'}", *base])
     run_training([f"run_dir={tmp_path / 'b'}", *base, "resume=auto"])
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     for key in ("train/loss", "eval/loss"):

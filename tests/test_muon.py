@@ -8,8 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose, free_port, read_metrics, run_training, series
-from fault_harness import install
+from conftest import ROOT, compose, free_port, read_metrics, run_stopped_at, run_training, series
 from gptlab.muon import Muon
 
 MUON = {"name": "muon", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "muon_lr": 4e-3,
@@ -162,11 +161,7 @@ def test_groups_follow_the_schedule_in_a_run(reference):
 def test_resume_with_muon_is_exact(tmp_path, base, reference, one_thread):
     from safetensors.torch import load_file
 
-    undo = install("sigterm_in_step:4")
-    try:
-        assert run_training([f"run_dir={tmp_path}", *base])["stopped"] == "SIGTERM"
-    finally:
-        undo()
+    run_stopped_at(4, [f"run_dir={tmp_path}", *base])
     run_training([f"run_dir={tmp_path}", *base, "resume=auto"])
     ref_dir, _ = reference
     ours, ref = read_metrics(tmp_path), read_metrics(ref_dir)

@@ -16,8 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, final_weights, free_port, read_metrics, run_training, series
-from fault_harness import install
+from conftest import ROOT, final_weights, free_port, read_metrics, run_stopped_at, run_training, series
 
 STEPS = 8
 # Bit-exact comparisons need every run, in this process and in subprocesses, to use the same
@@ -72,12 +71,7 @@ def latest_state(run_dir):
 
 def test_stop_and_resume_is_exact(tmp_path, base, reference):
     """Run B stops at step 5 (mid-epoch, SIGTERM in-process) and resumes to 8: identical to A."""
-    undo = install("sigterm_in_step:5")
-    try:
-        first = run_training([f"run_dir={tmp_path}", *base])
-    finally:
-        undo()
-    assert first["stopped"] == "SIGTERM"
+    run_stopped_at(5, [f"run_dir={tmp_path}", *base])
     assert not (tmp_path / "final").exists()
     state = latest_state(tmp_path)
     assert state["step"] == 5 and state["data_position"]["optimizer_step"] == 5

@@ -207,7 +207,7 @@ def test_codeparrot_on_a_local_json_dataset(tmp_path, cache_dir, hub):
     assert "mixed precision no" in log  # fp16 is a GPU setting
     # GPT-2's vocabulary stands in for the course's code tokenizer, which has all five as tokens
     assert "not a single token, skipped: ['plt']" in log
-    assert "GPT-2 with 1.64M parameters (2 layers, 32 wide, vocab 50304)" in log
+    assert "GPT2LMHeadModel with 1.64M parameters (2 layers, 32 wide, vocab 50304)" in log
 
 
 @requires_shared

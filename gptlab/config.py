@@ -18,6 +18,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 
+class Arch(StrEnum):  # from scratch (model.ARCHITECTURES)
+    gpt2 = "gpt2"
+    llama = "llama"
+    qwen3 = "qwen3"
+
+
 class Optimizer(StrEnum):
     auto = "auto"  # muon from scratch, adamw to fine-tune (optim.choose_optimizer)
     adamw = "adamw"
@@ -87,7 +93,7 @@ class ModelConfig:
     # relu2 = ReLU squared; null: GPT-2's tanh GELU, Llama's and Qwen3's SiLU), an LM head of its
     # own instead of the token embedding's transpose, the attention and MLP output projections
     # started at zero.
-    arch: str = "gpt2"
+    arch: Arch = Arch.gpt2
     activation: Optional[str] = None
     tie_embeddings: bool = True
     zero_init_proj: bool = False

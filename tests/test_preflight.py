@@ -48,7 +48,6 @@ CONFIG_TABLE = [
     ("model.n_head=3", r"^model\.n_embd=32 is not divisible by model\.n_head=3$"),
     ("model.n_layer=0", r"^model\.n_layer=0 must be at least 1$"),
     ("model.dropout=1.0", r"^model\.dropout=1\.0 must be in \[0, 1\)$"),
-    ("model.arch=mamba", r"^model\.arch=mamba: choose one of gpt2, llama, qwen3$"),
     ("model.arch=llama model.dropout=0.1",
      r"^model\.dropout=0\.1: only model\.arch=gpt2 has dropout; set model\.dropout=0$"),
     ("model.activation=swish2", r"^model\.activation=swish2: choose one of transformers' ACT2FN \("),
@@ -99,6 +98,7 @@ def test_good_configs_pass():
     ("trainer.nonfinite=ignore", r"Invalid value 'ignore', expected one of \[skip, stop\]"),
     ("trainer.parallel=ddpp", r"Invalid value 'ddpp', expected one of \[ddp, dp\]"),
     ("data.pack=pad", r"Invalid value 'pad', expected one of \[concat, chunk, sample\]"),
+    ("model.arch=mamba", r"Invalid value 'mamba', expected one of \[gpt2, llama, qwen3\]"),
 ])
 def test_unknown_key_or_wrong_type_fails_at_compose(override, message):
     with pytest.raises(Exception) as err:
@@ -118,11 +118,12 @@ def test_every_choice_enum_member_is_one_the_code_handles():
     from gptlab import config
     from gptlab.data.pack import write_token_streams  # noqa: F401 (pack modes: see test_pipeline)
     from gptlab.loss import LOSSES
+    from gptlab.model import ARCHITECTURES
     from gptlab.optim import OPTIMIZERS
     from gptlab.schedule import SCHEDULES, WSD_DECAYS
 
     assert {*OPTIMIZERS, "auto"} == set(config.Optimizer)
-    assert set(LOSSES) == set(config.Loss)
+    assert set(LOSSES) == set(config.Loss) and set(ARCHITECTURES) == set(config.Arch)
     assert set(SCHEDULES) == set(config.Schedule) and set(WSD_DECAYS) == set(config.WsdDecay)
     assert set(config.NonFinite) == {"skip", "stop"} and set(config.Parallel) == {"ddp", "dp"}
 

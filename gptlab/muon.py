@@ -50,6 +50,17 @@ def orthogonalise(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat
     return x.mT if tall else x
 
 
+def orthogonalise_pieces(g: torch.Tensor, pieces: int, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """orthogonalise, each of g's `pieces` equal column blocks on its own: GPT-2's c_attn (in, 3·out)
+    holds Q, K and V side by side, which modded-nanogpt orthogonalises as three matrices."""
+    if pieces == 1:
+        return orthogonalise(g, steps, dtype)
+    *lead, rows, cols = g.shape
+    blocks = g.unflatten(-1, (pieces, cols // pieces)).movedim(-2, -3)  # (..., pieces, rows, cols / pieces)
+    o = orthogonalise(blocks.reshape(-1, rows, cols // pieces), steps, dtype)
+    return o.reshape(*lead, pieces, rows, cols // pieces).movedim(-3, -2).flatten(-2)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -57,28 +68,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class _RowSharded:
     """A row-sharded matrix's update on its way to its owner, orthogonalised there, and back."""
 
-    def __init__(self, param: DTensor, update: torch.Tensor, index: int, steps: int, dtype: torch.dtype):
+    def __init__(self, param: DTensor, update: torch.Tensor, index: int, pieces: int, steps: int, dtype: torch.dtype):
         if param.device_mesh.ndim != 1 or param.placements != (Shard(0),):
             raise ValueError(f"Muon takes FSDP2's row shards (Shard(0) on one mesh dimension), not "
                              f"{param.placements} on a {param.device_mesh.ndim}-D mesh")
-        self.group, self.steps, self.dtype = param.device_mesh.get_group(), steps, dtype
+        self.group, self.pieces, self.steps, self.dtype = param.device_mesh.get_group(), pieces, steps, dtype
         size = dist.get_world_size(self.group)
         self.owner, self.mine = index % size, dist.get_rank(self.group) == index % size
         self.rows, self.chunk = param.shape[0], math.ceil(param.shape[0] / size)  # Shard(0) cuts as torch.chunk
         self.local_rows = update.shape[0]
         padded = update.new_zeros(self.chunk, update.shape[1])
         padded[:self.local_rows] = update
-        self.pieces = [torch.empty_like(padded) for _ in range(size)] if self.mine else None
-        self.work = dist.gather(padded, self.pieces, group=self.group, group_dst=self.owner, async_op=True)
+        self.rows_from = [torch.empty_like(padded) for _ in range(size)] if self.mine else None
+        self.work = dist.gather(padded, self.rows_from, group=self.group, group_dst=self.owner, async_op=True)
         self.out = torch.empty(self.chunk, update.shape[1], dtype=dtype, device=update.device)
 
     def orthogonalise_and_send(self) -> None:
         self.work.wait()
         if self.mine:
-            full = orthogonalise(torch.cat(self.pieces)[:self.rows], self.steps, self.dtype)
-            spare = len(self.pieces) * self.chunk - self.rows
-            self.pieces = list(torch.cat([full, full.new_zeros(spare, full.shape[1])]).chunk(len(self.pieces)))
-        self.work = dist.scatter(self.out, self.pieces, group=self.group, group_src=self.owner, async_op=True)
+            full = orthogonalise_pieces(torch.cat(self.rows_from)[:self.rows], self.pieces, self.steps, self.dtype)
+            spare = len(self.rows_from) * self.chunk - self.rows
+            self.rows_from = list(torch.cat([full, full.new_zeros(spare, full.shape[1])]).chunk(len(self.rows_from)))
+        self.work = dist.scatter(self.out, self.rows_from, group=self.group, group_src=self.owner, async_op=True)
 
     def received(self) -> torch.Tensor:
         self.work.wait()
@@ -89,9 +100,13 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised, for 2-D parameters (plain or FSDP2-sharded); decoupled weight decay."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_steps: int,
-                 ns_dtype: torch.dtype | None = None):
+                 ns_dtype: torch.dtype | None = None, pieces: dict[int, int] | None = None):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                                   "ns_steps": ns_steps})
+        # {i: k}: the i-th parameter (in param_groups order) is k matrices side by side, each
+        # orthogonalised on its own. By position, not by tensor: Accelerate swaps in FSDP2's
+        # sharded parameters in place, and a checkpoint does not carry it.
+        self.pieces = pieces or {}
         # None: bf16 (torch's choice) where bf16 matmul is native on the weights' device, fp32 where it is
         # emulated. Not in the param groups: a checkpoint would carry it to a machine with other hardware.
         self.ns_dtype = ns_dtype
@@ -110,28 +125,28 @@ class Muon(torch.optim.Optimizer):
         """
         loss = closure() if closure is not None else None
         sharded, buckets = [], {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                if isinstance(p, DTensor):
-                    sharded.append((p, group))
-                else:
-                    buckets.setdefault((id(group), p.shape, p.dtype), (group, []))[1].append(p)
+        for i, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
+            if p.grad is None:
+                continue
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            pieces = self.pieces.get(i, 1)
+            if isinstance(p, DTensor):
+                sharded.append((p, group, pieces))
+            else:
+                buckets.setdefault((id(group), p.shape, p.dtype, pieces), (group, pieces, []))[2].append(p)
         self._step_sharded(sharded, reject)
-        for group, params in buckets.values():
-            self._step_stacked(group, params, reject)
+        for group, pieces, params in buckets.values():
+            self._step_stacked(group, pieces, params, reject)
         return loss
 
-    def _step_stacked(self, group: dict, params: list, reject) -> None:
+    def _step_stacked(self, group: dict, pieces: int, params: list, reject) -> None:
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         buf, grad, weight = torch.stack(bufs), torch.stack([p.grad for p in params]), torch.stack(params)
         new_buf = buf.lerp(grad, 1 - group["momentum"])
         update = grad.lerp(new_buf, group["momentum"])  # Nesterov
-        o = orthogonalise(update, group["ns_steps"], self._ns_dtype(weight.device))
-        new_p = self._updated(weight, o, group, params[0].shape)
+        o = orthogonalise_pieces(update, pieces, group["ns_steps"], self._ns_dtype(weight.device))
+        new_p = self._updated(weight, o, group, params[0].shape, pieces)
         if reject is not None:
             new_buf, new_p = torch.where(reject, buf, new_buf), torch.where(reject, weight, new_p)
         torch._foreach_copy_(bufs, list(new_buf.unbind()))
@@ -139,17 +154,17 @@ class Muon(torch.optim.Optimizer):
 
     def _step_sharded(self, params: list, reject) -> None:
         todo = []
-        for index, (p, group) in enumerate(params):
+        for index, (p, group, pieces) in enumerate(params):
             buf, grad = _local(self.state[p]["momentum_buffer"]), _local(p.grad)
             new_buf = buf.lerp(grad, 1 - group["momentum"])
             update = grad.lerp(new_buf, group["momentum"])  # Nesterov
-            sent = _RowSharded(p, update, index, group["ns_steps"], self._ns_dtype(buf.device))
-            todo.append((p, group, buf, new_buf, sent))
+            sent = _RowSharded(p, update, index, pieces, group["ns_steps"], self._ns_dtype(buf.device))
+            todo.append((p, group, pieces, buf, new_buf, sent))
         for *_, update in todo:
             update.orthogonalise_and_send()
-        for p, group, buf, new_buf, update in todo:
+        for p, group, pieces, buf, new_buf, update in todo:
             weight = _local(p)
-            new_p = self._updated(weight, update.received(), group, p.shape)
+            new_p = self._updated(weight, update.received(), group, p.shape, pieces)
             if reject is None:
                 buf.copy_(new_buf)
                 weight.copy_(new_p)
@@ -167,7 +182,8 @@ class Muon(torch.optim.Optimizer):
         return self.ns_dtype
 
     @staticmethod
-    def _updated(weight: torch.Tensor, o: torch.Tensor, group: dict, shape) -> torch.Tensor:
+    def _updated(weight: torch.Tensor, o: torch.Tensor, group: dict, shape, pieces: int) -> torch.Tensor:
         lr = group["lr"]
-        scale = lr * (0.2 * math.sqrt(max(shape)))  # match_rms_adamw, whichever way round the matrix is stored
+        # match_rms_adamw, whichever way round the matrix (or each of its pieces) is stored
+        scale = lr * (0.2 * math.sqrt(max(shape[0], shape[1] // pieces)))
         return weight.mul(1 - lr * group["weight_decay"]).add_(o, alpha=-scale)

@@ -5,6 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
 from .adafactor import Adafactor
@@ -121,6 +122,12 @@ class MuonAdamW(torch.optim.Optimizer):
         self._link()
 
 
+def fused_attention_pieces(model: nn.Module) -> dict[int, int]:
+    """{id(weight): k} for GPT-2's c_attn, k matrices side by side (Q, K, V; K, V in cross-attention)."""
+    return {id(m.c_attn.weight): m.c_attn.weight.shape[1] // m.embed_dim
+            for m in model.modules() if isinstance(m, GPT2Attention)}
+
+
 def build_muon(model: nn.Module, cfg) -> MuonAdamW:
     muon_ids, _ = muon_split(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,8 +135,10 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
     if any(id(p) in muon_ids for p in params):
         # Each matrix's update is scaled by 0.2 * sqrt(max(rows, cols)) (muon.py): the same for
         # GPT-2's Conv1D (in, out) and nn.Linear's (out, in).
-        muon = Muon([p for p in params if id(p) in muon_ids], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-                    momentum=cfg.momentum, ns_steps=cfg.ns_steps)
+        matrices = [p for p in params if id(p) in muon_ids]
+        fused = fused_attention_pieces(model) if cfg.muon_split_qkv else {}
+        muon = Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.momentum,
+                    ns_steps=cfg.ns_steps, pieces={i: fused[id(p)] for i, p in enumerate(matrices) if id(p) in fused})
         muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
               for g in param_groups(model, cfg.weight_decay)]

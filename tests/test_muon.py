@@ -12,7 +12,7 @@ from conftest import ROOT, compose, free_port, read_metrics, run_stopped_at, run
 from gptlab.muon import Muon
 
 MUON = {"name": "muon", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "muon_lr": 4e-3,
-        "muon_weight_decay": 0.05, "momentum": 0.95, "ns_steps": 5}
+        "muon_weight_decay": 0.05, "momentum": 0.95, "ns_steps": 5, "muon_split_qkv": False}
 
 
 def _gpt2():
@@ -56,6 +56,38 @@ def test_llama_gets_the_same_split_by_module_type():
     assert adamw == sorted(["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] +
                            [f"model.layers.{i}.{n}.weight" for i in range(2)
                             for n in ("input_layernorm", "post_attention_layernorm")])
+
+
+def test_split_qkv_orthogonalises_q_k_and_v_as_three_matrices():
+    """optim.muon_split_qkv: each layer's c_attn (in, 3·in) steps as Q, K and V would as three
+    parameters of their own, to the bit; the other matrices as without it."""
+    from gptlab.optim import build_optimizer, fused_attention_pieces
+
+    model = _gpt2()
+    assert sorted(fused_attention_pieces(model).values()) == [3, 3]
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def stepped(split: bool) -> dict:
+        for n, p in model.named_parameters():
+            p.data.copy_(weights[n])
+            p.grad = grads[n].clone()
+        build_optimizer(model, OmegaConf.create({**MUON, "muon_split_qkv": split})).step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    split, whole = stepped(True), stepped(False)
+    attn = "transformer.h.0.attn.c_attn.weight"
+    q_k_v = [torch.nn.Parameter(w) for w in weights[attn].clone().chunk(3, dim=1)]
+    for p, g in zip(q_k_v, grads[attn].chunk(3, dim=1)):
+        p.grad = g.clone()
+    Muon(q_k_v, lr=4e-3, weight_decay=0.05, momentum=0.95, ns_steps=5).step()
+    assert torch.equal(split[attn], torch.cat([p.detach() for p in q_k_v], dim=1))
+    assert not torch.equal(split[attn], whole[attn])
+    for n in split:
+        if not n.endswith("c_attn.weight"):
+            assert torch.equal(split[n], whole[n]), n
 
 
 def test_each_group_has_its_own_base_lr_and_weight_decay_under_one_multiplier():

@@ -136,7 +136,7 @@ def test_a_rejected_step_leaves_weights_and_state_as_they_were(name):
     from gptlab.optim import build_optimizer
 
     cfg = OmegaConf.create({"name": name, "lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
-                            "muon_lr": 2e-2, "muon_weight_decay": 0.1, "momentum": 0.95, "ns_steps": 5})
+                            "muon_lr": 2e-2, "muon_weight_decay": 0.1, "momentum": 0.95, "ns_steps": 5, "muon_split_qkv": True})
     runs = []
     for rejected in (set(), {1, 2}):  # steps 1 and 2 rejected: the run is then steps 0 and 3
         model = _model()
@@ -183,6 +183,14 @@ for _ in range(5):
     x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
 update = (w - p.full_tensor()) / (0.02 * 0.2 * 16 ** 0.5)
 torch.testing.assert_close(update, x.mT, rtol=0, atol=1e-5)  # bf16 is off by ~1e-2
+# A fused Q/K/V matrix (in, 3·out) goes through its owner as three matrices, scaled as (8, 8) ones.
+from gptlab.muon import orthogonalise
+w, g = torch.zeros(8, 24), torch.randn(8, 24, generator=torch.Generator().manual_seed(1))
+p = torch.nn.Parameter(distribute_tensor(w.clone(), init_device_mesh("cpu", (1,)), [Shard(0)]))
+p.grad = distribute_tensor(g.clone(), p.device_mesh, [Shard(0)])
+Muon([p], lr=0.02, weight_decay=0.0, momentum=0.0, ns_steps=5, pieces={0: 3}).step()
+want = torch.cat([orthogonalise(piece, 5, torch.float32) for piece in g.chunk(3, dim=1)], dim=1)
+torch.testing.assert_close(-p.full_tensor() / (0.02 * 0.2 * 8 ** 0.5), want, rtol=0, atol=1e-6)
 dist.destroy_process_group()
 print("ok")
 """

@@ -204,7 +204,7 @@ class OptimConfig:
     momentum: float = 0.95
     ns_steps: int = 5
     # muon: orthogonalise GPT-2's fused c_attn as Q, K and V apart (modded-nanogpt's way), not as one matrix
-    muon_split_qkv: bool = False
+    muon_split_qkv: bool = True
     # muon: its momentum rises linearly from momentum_start to `momentum` over these first
     # optimizer steps (modded-nanogpt: 0.85 -> 0.95 over 300); 0 keeps it constant. Other
     # optimizers ignore it (optim=auto's and optim=muon's files set 100).

@@ -61,10 +61,12 @@ def test_llama_gets_the_same_split_by_module_type():
 def test_split_qkv_orthogonalises_q_k_and_v_as_three_matrices():
     """optim.muon_split_qkv: each layer's c_attn (in, 3·in) steps as Q, K and V would as three
     parameters of their own, to the bit; the other matrices as without it."""
-    from gptlab.optim import build_optimizer, fused_attention_pieces
+    from gptlab.optim import build_optimizer, choose_optimizer, fused_attention_pieces
 
     model = _gpt2()
     assert sorted(fused_attention_pieces(model).values()) == [3, 3]
+    default, _ = choose_optimizer(compose([]))  # from scratch: the default splits them
+    assert build_optimizer(model, default.optim).inner[0].pieces == {0: 3, 4: 3}  # each layer's first matrix
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     model(input_ids=x, labels=x).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

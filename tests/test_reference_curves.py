@@ -36,10 +36,10 @@ COMMON = [
 RECIPES = {
     "adamw_cosine": ["optim=adamw", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]",
                      "optim.eps=1e-8", "scheduler=cosine", "scheduler.warmup_steps=2", "scheduler.min_lr=1e-4"],
-    # Muon + WSD, every value pinned (the from-scratch default adds Muon's momentum warmup)
+    # Muon + WSD, every value pinned (the from-scratch default adds Muon's momentum warmup and splits Q, K, V)
     "muon_wsd": ["optim=muon", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]", "optim.eps=1e-8",
                  "optim.muon_lr=2e-3", "optim.muon_weight_decay=0.1", "optim.momentum=0.95", "optim.ns_steps=5",
-                 "optim.momentum_warmup_steps=0",
+                 "optim.momentum_warmup_steps=0", "optim.muon_split_qkv=false",
                  "scheduler=wsd", "scheduler.warmup_steps=2", "scheduler.min_lr=1e-4",
                  "scheduler.decay_fraction=0.2", "scheduler.decay=linear"],
 }

@@ -3,7 +3,9 @@
 Muon's update is the momentum orthogonalised by a Newton–Schulz iteration, as
 torch.optim.Muon computes it (Keller Jordan's quintic coefficients, in bf16), scaled by
 0.2·sqrt(max(rows, cols)) so that its RMS matches AdamW's ("match_rms_adamw"). gptlab has
-its own copy for three things torch's lacks:
+its own copy for four things torch's lacks:
+- a matrix made of several side by side (GPT-2's fused Q, K and V) orthogonalised piece by
+  piece, each scaled as a matrix of its own (optim.muon_split_qkv);
 - Newton–Schulz in fp32 where bf16 matmul is emulated (a CPU without AVX512-BF16 or AMX, a
   V100): there bf16 Newton–Schulz measured 33-37x slower than fp32 and the default recipe ~7x
   slower (bench/ns_precision.py);

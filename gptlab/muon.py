@@ -120,10 +120,11 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None, reject: torch.Tensor | None = None):
         """One update; where the 0-d bool tensor `reject` is true, none (weights and momentum as they were).
 
-        The plain (unsharded) matrices of a group go through it stacked by shape, a few dozen
-        kernel launches for all of them instead of a few dozen per matrix: on a GPU, launching
-        the per-matrix Newton–Schulz took longer than running it. Each matrix's arithmetic is
-        the same as alone (the same bits on a CPU).
+        The plain (unsharded) matrices of a group go through it stacked by shape (a fused
+        matrix's pieces in a stack of their own), a few dozen kernel launches for all of them
+        instead of a few dozen per matrix: on a GPU, launching the per-matrix Newton–Schulz took
+        longer than running it. Each matrix's arithmetic is the same as alone (the same bits on
+        a CPU).
         """
         loss = closure() if closure is not None else None
         sharded, buckets = [], {}

@@ -133,8 +133,8 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     muon = None
     if any(id(p) in muon_ids for p in params):
-        # Each matrix's update is scaled by 0.2 * sqrt(max(rows, cols)) (muon.py): the same for
-        # GPT-2's Conv1D (in, out) and nn.Linear's (out, in).
+        # Each matrix's (or fused Q/K/V piece's) update is scaled by 0.2 * sqrt(max(rows, cols))
+        # (muon.py): the same for GPT-2's Conv1D (in, out) and nn.Linear's (out, in).
         matrices = [p for p in params if id(p) in muon_ids]
         fused = fused_attention_pieces(model) if cfg.muon_split_qkv else {}
         muon = Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.momentum,

@@ -34,9 +34,9 @@ def default_recipe(corpus, cache_dir, accum, *extra):
     was set for this recipe. With the warmup step 6's grad norm moves 1.4e-5 (relative 1.8e-5)
     after 2 -> 1 processes, and at lr 3e-3 the final weights more than 1e-5: the same rounding,
     grown by a larger step. Q, K and V apart (32 x 32 each here) grow it to 1.3e-5 in the final
-    weights: bf16 Newton-Schulz multiplies a square matrix's small singular directions, rounding
-    included, by up to 3.4445^5 ~ 490. Their sharded path is test_optim's; same-count resume stays
-    bit-exact on the default (test_resume)."""
+    weights (measured; under 1e-6 without), likely because Newton-Schulz multiplies a square
+    matrix's small singular directions, rounding included, by up to 3.4445^5 ~ 490. Their sharded
+    path is test_optim's; same-count resume stays bit-exact on the default (test_resume)."""
     return [o for o in overrides(corpus, cache_dir, accum, *extra) if o not in ("optim=adamw", "scheduler=cosine")] \
         + ["optim.momentum_warmup_steps=0", "optim.lr=1e-3", "optim.muon_split_qkv=false"]
 

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -56,6 +57,11 @@ def compose(overrides=()):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def split_overrides(text: str) -> list:
+    """"a=1,b=[0.8,0.95]" -> ["a=1", "b=[0.8,0.95]"]: an --arm's overrides, a list value's commas kept."""
+    return [o for o in re.split(r",(?![^\[]*\])", text) if o]
 
 
 def as_overrides(values: dict) -> list:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, add_json_option, write_json
+from common import ROOT, add_json_option, split_overrides, write_json
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
                    "default as it is)")
     add_json_option(p, "default_run")
     args = p.parse_args()
-    arms = {name: [o for o in extra.split(",") if o] for name, _, extra in (a.partition("=") for a in args.arm)}
+    arms = {name: split_overrides(extra) for name, _, extra in (a.partition("=") for a in args.arm)}
     with tempfile.TemporaryDirectory() as tmp:
         procs, started = {}, time.perf_counter()
         for name, overrides in arms.items():

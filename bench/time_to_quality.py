@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import RESULT, add_json_option, as_overrides, compose, gptlab_run, print_result, write_json
+from common import RESULT, add_json_option, as_overrides, compose, gptlab_run, print_result, split_overrides, write_json
 from gptlab.distributed import cpu_threads_per_process, fast_cpu_precision
 from train_vs_trainer import WAR_AND_PEACE, make_trainer
 
@@ -220,7 +220,7 @@ def worker(args) -> None:
 
 def arm_overrides(arm: str) -> list:
     name, _, extra = arm.partition("=")
-    return ARMS[name] if not extra else [e for e in extra.split(",") if e]
+    return ARMS[name] if not extra else split_overrides(extra)
 
 
 # --- the driver ---

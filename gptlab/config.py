@@ -92,11 +92,13 @@ class ModelConfig:
     # with no custom code. Then the MLP's activation (any name in transformers' ACT2FN, e.g.
     # relu2 = ReLU squared; null: GPT-2's tanh GELU, Llama's and Qwen3's SiLU), an LM head of its
     # own instead of the token embedding's transpose, the attention and MLP output projections
-    # started at zero.
+    # started at zero, the init's standard deviation (the HF config's initializer_range; null:
+    # its 0.02).
     arch: Arch = Arch.gpt2
     activation: Optional[str] = None
     tie_embeddings: bool = True
     zero_init_proj: bool = False
+    init_std: Optional[float] = None
     # A local Hugging Face causal LM to fine-tune. Its own architecture and tokenizer are
     # used (the keys above are ignored), and the tokenizer is never retrained.
     pretrained_path: Optional[str] = None

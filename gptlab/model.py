@@ -63,9 +63,14 @@ def _gpt2(model_cfg, vocab_size: int, ids: dict):
                         n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
                         activation_function=model_cfg.activation or "gelu_pytorch_tanh",
                         tie_word_embeddings=model_cfg.tie_embeddings, resid_pdrop=model_cfg.dropout,
-                        embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout, **ids)
+                        embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout, **_init(model_cfg), **ids)
     config._attn_implementation = attention(model_cfg.attn_implementation)
     return GPT2LMHeadModel(config)
+
+
+def _init(model_cfg) -> dict:
+    # Left out when unset, so the config keeps its class's own default (and its repr stays short).
+    return {} if model_cfg.init_std is None else {"initializer_range": model_cfg.init_std}
 
 
 def _rotary(config_class, model_class):
@@ -79,7 +84,7 @@ def _rotary(config_class, model_class):
             num_hidden_layers=model_cfg.n_layer, num_attention_heads=model_cfg.n_head,
             num_key_value_heads=model_cfg.n_head, head_dim=model_cfg.n_embd // model_cfg.n_head,
             max_position_embeddings=model_cfg.n_positions, hidden_act=model_cfg.activation or "silu",
-            tie_word_embeddings=model_cfg.tie_embeddings, **ids)
+            tie_word_embeddings=model_cfg.tie_embeddings, **_init(model_cfg), **ids)
         config._attn_implementation = attention(model_cfg.attn_implementation)
         return model_class(config)
     return build

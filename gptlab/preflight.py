@@ -93,6 +93,7 @@ def check_config(cfg) -> None:
                  f"model.dropout={mc.dropout}: only model.arch=gpt2 has dropout; set model.dropout=0")
         _require(mc.activation is None or mc.activation in ACT2FN,
                  f"model.activation={mc.activation}: choose one of transformers' ACT2FN ({', '.join(sorted(ACT2FN))})")
+        _require(mc.init_std is None or mc.init_std > 0, f"model.init_std={mc.init_std} must be > 0 (null: 0.02)")
         if not cfg.tokenizer.path:
             n_special = len(cfg.tokenizer.special_tokens)
             _require(n_special >= 1, "tokenizer.special_tokens=[] needs at least one token to serve as eos")

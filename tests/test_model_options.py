@@ -35,6 +35,15 @@ def test_each_option_does_what_it_says_and_the_default_is_gpt2s():
     torch.testing.assert_close(new.transformer.h[0].mlp.act(x), torch.relu(x) ** 2)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_init_std_sets_the_configs_initializer_range_and_the_weights_follow(arch):
+    base, wide = build(arch=arch), build(arch=arch, init_std=0.08)
+    assert (base.config.initializer_range, wide.config.initializer_range) == (0.02, 0.08)
+    emb = base.get_input_embeddings().weight, wide.get_input_embeddings().weight  # 500 x 32 draws
+    assert emb[0].std().item() == pytest.approx(0.02, rel=0.05)
+    assert emb[1].std().item() == pytest.approx(0.08, rel=0.05)
+
+
 def test_a_run_with_every_option_exports_a_model_pipeline_loads(tmp_path, cache_dir):
     run_training([f"run_dir={tmp_path}", f"cache_dir={cache_dir}", "debug=smoke", "trainer.max_steps=4",
                   "model.zero_init_proj=true", "model.tie_embeddings=false", "model.activation=relu2",

@@ -24,6 +24,7 @@ COMMON = [
     "model=small", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.n_positions=128",
     "model.dropout=0.0", "model.attn_implementation=sdpa", "model.vocab_pad_multiple=64",
     "model.arch=gpt2", "model.tie_embeddings=true", "model.activation=gelu_pytorch_tanh", "model.zero_init_proj=false",
+    "model.init_std=null",
     "trainer.ema_decay=0.0",
     "data=text", "data.text_unit=paragraph", "data.pack=concat", "data.block_size=64",
     "tokenizer=bpe", "tokenizer.vocab_size=512", "tokenizer.min_frequency=2", "tokenizer.max_train_bytes=null",

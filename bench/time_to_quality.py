@@ -55,8 +55,10 @@ TRAINER = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps":
 # gptlab arms: name -> Hydra overrides on top of conf/ (each names its optimizer and schedule,
 # so an arm keeps its meaning when the defaults change). `default` is whatever conf/ says.
 ADAMW, COSINE = ["optim=adamw"], ["scheduler=cosine"]
-# Muon and WSD as they were when these arms were first run (lr 1e-3, 30 warmup steps)
-MUON, WSD, BF16 = ["optim=muon", "optim.lr=1e-3"], ["scheduler=wsd", "scheduler.warmup_steps=30"], ["trainer.mixed_precision=bf16"]
+# Muon and WSD as they were when these arms were first run (lr 1e-3, betas 0.9/0.95, Q, K and V
+# orthogonalised as one matrix, 30 warmup steps)
+FIRST_MUON = ["optim=muon", "optim.betas=[0.9,0.95]", "optim.muon_split_qkv=false"]
+MUON, WSD, BF16 = FIRST_MUON + ["optim.lr=1e-3"], ["scheduler=wsd", "scheduler.warmup_steps=30"], ["trainer.mixed_precision=bf16"]
 MW = ["optim.momentum_warmup_steps=100"]
 BATCH_WARMUP = ["trainer.batch_warmup_steps=100", "trainer.batch_warmup_micro=4"]
 ARMS = {
@@ -84,9 +86,9 @@ ARMS = {
     "fast": MUON + WSD + MW + ["optim.lr=3e-3", "scheduler.warmup_steps=10", "optim.muon_lr=4e-3"] + BATCH_WARMUP,
     "fast-warmup30": MUON + WSD + MW + ["optim.lr=3e-3", "optim.muon_lr=4e-3"] + BATCH_WARMUP,
     # issue 28's fifth round: the default recipe on transformers' rotary architectures (model.arch)
-    "llama-untied": ["optim=muon", "scheduler=wsd", "model.arch=llama", "model.tie_embeddings=false"],
-    "qwen3": ["optim=muon", "scheduler=wsd", "model.arch=qwen3"],
-    "qwen3-untied": ["optim=muon", "scheduler=wsd", "model.arch=qwen3", "model.tie_embeddings=false"],
+    "llama-untied": FIRST_MUON + ["scheduler=wsd", "model.arch=llama", "model.tie_embeddings=false"],
+    "qwen3": FIRST_MUON + ["scheduler=wsd", "model.arch=qwen3"],
+    "qwen3-untied": FIRST_MUON + ["scheduler=wsd", "model.arch=qwen3", "model.tie_embeddings=false"],
     # bf16 autocast: native on a CPU with AVX512-BF16 or AMX (emulated, and refused here, elsewhere)
     "adamw-cosine-bf16": ADAMW + COSINE + BF16,
     "muon-wsd-bf16": MUON + WSD + BF16,

@@ -162,26 +162,30 @@ OPTIMIZERS = {  # config.Optimizer -> builder(model, optim config); "auto" picks
 }
 
 
-# SCRATCH_LR: AdamW's lr beside Muon (embeddings, head, norms), from the time-to-quality bench
-# (bench/RESULTS.md, issue 28); FINE_TUNING_LR: transformers' TrainingArguments default.
+# SCRATCH_LR and SCRATCH_BETAS: AdamW's beside Muon (embeddings, head, norms), from the
+# time-to-quality bench (bench/RESULTS.md, issue 28; modded-nanogpt's betas); FINE_TUNING_LR:
+# transformers' TrainingArguments default.
 SCRATCH_LR, FINE_TUNING_LR = 3e-3, 5e-5
+SCRATCH_BETAS, FINE_TUNING_BETAS = [0.8, 0.95], [0.9, 0.95]
 
 
 def choose_optimizer(cfg):
     """optim=auto (the default) becomes Muon + AdamW from scratch, AdamW to fine-tune a pretrained
-    model (full or LoRA); optim.lr null becomes 3e-3 from scratch, 5e-5 to fine-tune. Returns a
-    copy of cfg with both decided (the composed config is left as it was) and the line that says
-    so, or None for a named optimizer."""
+    model (full or LoRA); optim.lr null becomes 3e-3 from scratch, 5e-5 to fine-tune, and
+    optim.betas null (0.8, 0.95) from scratch, (0.9, 0.95) to fine-tune. Returns a copy of cfg
+    with these decided (the composed config is left as it was) and the line that says so, or
+    None for a named optimizer."""
     oc, tuned = cfg.optim, cfg.model.pretrained_path
     name = oc.name if oc.name != "auto" else "adamw" if tuned else "muon"
     lr = oc.lr if oc.lr is not None else FINE_TUNING_LR if tuned else SCRATCH_LR
-    cfg = OmegaConf.merge(cfg, {"optim": {"name": name, "lr": lr}})
+    betas = list(oc.betas) if oc.betas is not None else FINE_TUNING_BETAS if tuned else SCRATCH_BETAS
+    cfg = OmegaConf.merge(cfg, {"optim": {"name": name, "lr": lr, "betas": betas}})
     if oc.name != "auto":
         return cfg, None
     why = (f"fine-tuning {tuned}{' with LoRA' if cfg.model.lora.r else ''}: Muon on weights trained with AdamW is "
            f"not the tested path" if tuned else "from scratch: it won the time-to-quality bench (docs/recipes-and-speed.md)")
     what = "AdamW" if tuned else f"Muon (muon_lr {oc.muon_lr:g}) + AdamW"
-    return cfg, f"optim=auto: {what} at lr {lr:g}, {why}; optim=NAME pins another"
+    return cfg, f"optim=auto: {what} at lr {lr:g}, betas ({betas[0]:g}, {betas[1]:g}), {why}; optim=NAME pins another"
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

@@ -54,8 +54,9 @@ def test_smoke_run_writes_metrics_and_tensorboard(smoke_run):
 def test_the_saved_config_records_what_the_launch_decided(smoke_run):
     saved = OmegaConf.load(smoke_run[0] / ".hydra" / "config.yaml")
     composed = compose(smoke(smoke_run[0], "unused"))
-    assert (composed.optim.name, composed.optim.lr, composed.trainer.grad_accum) == ("auto", None, None)
-    assert (saved.optim.name, saved.optim.lr, saved.trainer.grad_accum) == ("muon", 3e-3, 1)
+    assert (composed.optim.name, composed.optim.lr, composed.optim.betas, composed.trainer.grad_accum) == (
+        "auto", None, None, None)
+    assert (saved.optim.name, saved.optim.lr, saved.optim.betas, saved.trainer.grad_accum) == ("muon", 3e-3, [0.8, 0.95], 1)
 
 
 def test_lr_follows_the_schedule_in_optimizer_steps(smoke_run):

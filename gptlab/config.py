@@ -197,7 +197,7 @@ class OptimConfig:
     # null: by the job, 3e-3 from scratch, 5e-5 to fine-tune a pretrained model (optim=auto has it).
     lr: Optional[float] = 1e-3
     weight_decay: float = 0.1
-    # null: by the job, (0.8, 0.95) from scratch, (0.9, 0.95) to fine-tune (optim=auto has it).
+    # null: by the job, (0.8, 0.99) from scratch, (0.9, 0.95) to fine-tune (optim=auto has it).
     betas: Optional[List[float]] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     # muon: torch.optim.Muon for the matrices inside the blocks, AdamW (lr, weight_decay,

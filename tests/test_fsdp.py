@@ -24,6 +24,11 @@ from test_launch import (ACCELERATE, LAUNCH, STEPS, TRAIN_PY, corpus, finish, ki
 
 HARNESS = str(Path(TRAIN_PY).parent / "tests" / "fault_harness.py")
 TOL = 1e-5
+# The final weights after the elastic round trip (2 -> 1 -> 2 processes): Muon's Newton–Schulz in
+# bf16 grows the reduction order's rounding, by how much depends on the CPU's bf16 kernels. At most
+# 1.8e-5 measured (one c_fc weight on an Intel Xeon with AMX, the rest under 6e-6, all under 1e-5
+# on an AMD EPYC); a resharding or state bug moves them by the lr's order (1e-3).
+ELASTIC_WEIGHT_TOL = 5e-5
 SAVE_EVERY = 2
 
 
@@ -170,7 +175,8 @@ def resume_copy(src, dst, step):
 def test_fsdp2_elastic_resume_two_to_one_and_one_to_two(fsdp, corpus, cache_dir, launch_env, tmp_path):
     """2 processes x accum 2 -> 1 x accum 4 from step 2; that run's step-4 checkpoint -> 2 x accum 2
     with activation checkpointing. The same global batch (16), dropout 0: the curve stays the
-    uninterrupted 2-process run's to 1e-5 (another reduction order, so not bit-exact)."""
+    uninterrupted 2-process run's to 1e-5 and the final weights to ELASTIC_WEIGHT_TOL (another
+    reduction order, so not bit-exact)."""
     one = tmp_path / "two_to_one"
     finish([two_process_run("fsdp.yaml", one, corpus, cache_dir, launch_env, TRAIN_PY,
                             *resume_copy(fsdp.run_dir, one, 2), processes=1, accum=4)])
@@ -191,7 +197,7 @@ def test_fsdp2_elastic_resume_two_to_one_and_one_to_two(fsdp, corpus, cache_dir,
     for key in ("train/loss", "train/grad_norm"):
         assert_close_series(two, fsdp.run_dir, key, steps, TOL)
     assert_close_series(two, fsdp.run_dir, "eval/loss", [3, 6], TOL)
-    assert_same_weights(weights(two / "final"), weights(fsdp.run_dir / "final"), TOL)
+    assert_same_weights(weights(two / "final"), weights(fsdp.run_dir / "final"), ELASTIC_WEIGHT_TOL)
 
 
 # ---- checked before step 1, no launch needed

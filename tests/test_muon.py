@@ -93,7 +93,7 @@ def test_split_qkv_orthogonalises_q_k_and_v_as_three_matrices():
 
 
 def test_adamws_betas_follow_the_job_unless_set():
-    """optim=auto: AdamW beside Muon from scratch takes (0.8, 0.95), fine-tuning keeps (0.9, 0.95);
+    """optim=auto: AdamW beside Muon from scratch takes (0.8, 0.99), fine-tuning keeps (0.9, 0.95);
     optim.betas set wins either way."""
     from gptlab.optim import build_optimizer, choose_optimizer
 
@@ -101,11 +101,11 @@ def test_adamws_betas_follow_the_job_unless_set():
         cfg, _ = choose_optimizer(compose(overrides))
         return build_optimizer(_gpt2(), cfg.optim).inner[-1].param_groups[0]["betas"]
 
-    assert adamw_betas([]) == (0.8, 0.95)
+    assert adamw_betas([]) == (0.8, 0.99)
     assert adamw_betas(["optim.betas=[0.9,0.99]"]) == (0.9, 0.99)
     tuned, line = choose_optimizer(compose(["model.pretrained_path=/some/gpt2"]))
     assert (tuned.optim.name, list(tuned.optim.betas)) == ("adamw", [0.9, 0.95]) and "betas (0.9, 0.95)" in line
-    assert list(choose_optimizer(compose(["optim=muon"]))[0].optim.betas) == [0.8, 0.95]
+    assert list(choose_optimizer(compose(["optim=muon"]))[0].optim.betas) == [0.8, 0.99]
 
 
 def test_each_group_has_its_own_base_lr_and_weight_decay_under_one_multiplier():

@@ -56,7 +56,7 @@ def test_the_saved_config_records_what_the_launch_decided(smoke_run):
     composed = compose(smoke(smoke_run[0], "unused"))
     assert (composed.optim.name, composed.optim.lr, composed.optim.betas, composed.trainer.grad_accum) == (
         "auto", None, None, None)
-    assert (saved.optim.name, saved.optim.lr, saved.optim.betas, saved.trainer.grad_accum) == ("muon", 3e-3, [0.8, 0.95], 1)
+    assert (saved.optim.name, saved.optim.lr, saved.optim.betas, saved.trainer.grad_accum) == ("muon", 3e-3, [0.8, 0.99], 1)
 
 
 def test_lr_follows_the_schedule_in_optimizer_steps(smoke_run):

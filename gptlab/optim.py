@@ -164,8 +164,8 @@ OPTIMIZERS = {  # config.Optimizer -> builder(model, optim config); "auto" picks
 
 # SCRATCH_LR and SCRATCH_BETAS: AdamW's beside Muon (embeddings, head, norms), from the
 # time-to-quality bench and the default run (bench/RESULTS.md, issue 28: modded-nanogpt's β1,
-# a slower β2 than its 0.95); FINE_TUNING_LR:
-# transformers' TrainingArguments default.
+# a slower β2 than its 0.95); conf/optim/muon.yaml holds the same values.
+# FINE_TUNING_LR: transformers' TrainingArguments default.
 SCRATCH_LR, FINE_TUNING_LR = 3e-3, 5e-5
 SCRATCH_BETAS, FINE_TUNING_BETAS = [0.8, 0.99], [0.9, 0.95]
 

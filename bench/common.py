@@ -17,6 +17,10 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
 RESULT = "BENCH_RESULT "
+# In a child process's environment: an AVX512 CPU computes as an AVX2-only one would, where bf16
+# matmul is emulated (oneDNN's kernels capped) and so are ATen's own kernels. MKL's fp32 GEMMs
+# are capped by MKL_ENABLE_INSTRUCTIONS=AVX2 on top (time_to_quality.py --isa avx2).
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def free_port() -> int:

@@ -26,11 +26,10 @@ from types import SimpleNamespace
 
 import torch
 
-from common import RESULT, StepClock, add_json_option, as_overrides, print_result, run_gptlab, write_json
+from common import AVX2, RESULT, StepClock, add_json_option, as_overrides, print_result, run_gptlab, write_json
 from time_to_quality import SHAPE, TINY, TRAINER, WAR_AND_PEACE, load_data
 from train_vs_trainer import make_trainer
 
-AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

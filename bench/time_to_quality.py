@@ -24,6 +24,12 @@ medians. Arms run in fresh processes, interleaved, every other round reversed.
     python bench/time_to_quality.py                                  # the issue's arms (+ bf16 ones), 1 round
     python bench/time_to_quality.py --arm adamw-cosine --arm muon-wsd --arm "mine=optim=muon,optim.muon_lr=4e-3"
     python bench/time_to_quality.py --tiny --steps 4 --eval-every 2  # the CI-sized run
+    python bench/time_to_quality.py --isa avx2 --arm default      # as an AVX2-only CPU would run it
+
+--isa avx2 caps the arms' kernels at AVX2 (ATen's, MKL's and oneDNN's), which makes an AVX512
+machine stand in for one without AVX512 or native bf16: fp32 matmuls lose their AVX512 FMAs and
+bf16 matmul becomes emulated, so Muon's Newton-Schulz runs in fp32 there, as gptlab chooses on
+such a CPU.
 """
 import argparse
 import contextlib
@@ -39,7 +45,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import RESULT, add_json_option, as_overrides, compose, gptlab_run, print_result, split_overrides, write_json
+from common import (AVX2, RESULT, add_json_option, as_overrides, compose, gptlab_run, print_result, split_overrides,
+                    write_json)
 from gptlab.distributed import cpu_threads_per_process, fast_cpu_precision
 from train_vs_trainer import WAR_AND_PEACE, make_trainer
 
@@ -213,11 +220,23 @@ def run_gptlab_arm(args, overrides: list) -> dict:
             "mixed_precision": cfg.trainer.mixed_precision, "optimizer": cfg.optim.name}
 
 
+# what --isa caps, in the arms' environment (read when torch and its libraries load)
+ISA_ENV = {"avx2": {**AVX2, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
 def worker(args) -> None:
+    if args.isa:
+        if torch.backends.cpu.get_cpu_capability() != args.isa.upper():
+            sys.exit(f"--isa {args.isa}: torch runs {torch.backends.cpu.get_cpu_capability()} kernels")
+        # the CPU's flags still say AVX512-BF16; the capped oneDNN emulates bf16 (~35x slower
+        # than fp32 measured), so gptlab's precision choices must see what a real AVX2 CPU has
+        import gptlab.distributed
+        gptlab.distributed.fast_cpu_precision = lambda precision: False
     torch.set_num_threads(args.threads)  # the Trainer's; gptlab's run() sets trainer.cpu_threads
     name = args.worker
-    print_result(run_trainer(args, bf16=name == "trainer-bf16") if name in TRAINER_ARMS
-                 else run_gptlab_arm(args, arm_overrides(name)))
+    res = (run_trainer(args, bf16=name == "trainer-bf16") if name in TRAINER_ARMS
+           else run_gptlab_arm(args, arm_overrides(name)))
+    print_result({**res, "cpu_capability": torch.backends.cpu.get_cpu_capability()})
 
 
 def arm_overrides(arm: str) -> list:
@@ -230,8 +249,8 @@ def arm_overrides(arm: str) -> list:
 def spawn(arm: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--cache-dir", str(args.cache_dir),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every), *(["--tiny"] if args.tiny else []),
-           "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+           "--threads", str(args.threads), *(["--isa", args.isa] if args.isa else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **ISA_ENV.get(args.isa, {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:
@@ -263,6 +282,7 @@ def main() -> None:
                    "(the CI-sized run; a cheap full run on a loaded machine)")
     p.add_argument("--threads", type=int, help="torch threads for every arm (default: the physical cores, "
                    "gptlab's choice); 1 is steadier on a machine shared with other jobs")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), help="cap every arm's CPU kernels at this instruction set")
     add_json_option(p, "time_to_quality")
     p.add_argument("--no-trainer", action="store_true", help="only the gptlab arms (combine with --summarize)")
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="no runs: one table from the runs in these "
@@ -279,7 +299,7 @@ def main() -> None:
     if args.summarize:
         results = merge(args.summarize)
         return summarize(results, args.steps, args.eval_every, args.json)
-    native_bf16 = fast_cpu_precision("bf16") or torch.cuda.is_available()
+    native_bf16 = (fast_cpu_precision("bf16") and not args.isa) or torch.cuda.is_available()
     arms = args.arm or DEFAULT_ARMS + (BF16_ARMS if native_bf16 else [])
     if not args.no_trainer and "trainer" not in arms:
         arms = ["trainer", *arms]

@@ -394,6 +394,14 @@ def test_time_to_quality_bench_runs(tmp_path):
     # tokens/s counts the tokens read: 2 steps of 2 blocks of 64 and 2 of 4
     run = summary["results"][half][0]
     assert run["tokens_per_s"] * run["train_s"] == pytest.approx((2 * 2 + 2 * 4) * 64)
+    assert {runs[0]["cpu_capability"] for runs in summary["results"].values()} == {
+        torch.backends.cpu.get_cpu_capability()}
+
+    # --isa avx2: the arms run ATen's AVX2 kernels, whatever this CPU has
+    run_bench(ROOT / "bench" / "time_to_quality.py", "--tiny", "--steps", 2, "--eval-every", 2, "--no-trainer",
+              "--arm", "muon-wsd", "--isa", "avx2", "--threads", 1, "--cache-dir", tmp_path, "--text", text,
+              "--json", out)
+    assert json.loads(out.read_text())["results"]["muon-wsd"][0]["cpu_capability"] == "AVX2"
 
 
 @pytest.mark.slow

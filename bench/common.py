@@ -17,10 +17,11 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
 RESULT = "BENCH_RESULT "
-# In a child process's environment: an AVX512 CPU computes as an AVX2-only one would, where bf16
-# matmul is emulated (oneDNN's kernels capped) and so are ATen's own kernels. MKL's fp32 GEMMs
-# are capped by MKL_ENABLE_INSTRUCTIONS=AVX2 on top (time_to_quality.py --isa avx2).
+# In a child process's environment: bf16 matmul emulated as on an AVX2-only CPU (oneDNN's kernels
+# capped), and ATen's own kernels capped too.
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# --isa: the whole of an AVX2-only CPU, MKL's fp32 GEMMs capped as well
+ISA_ENV = {"avx2": {**AVX2, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def free_port() -> int:
@@ -51,6 +52,25 @@ def write_json(path, summary: dict) -> None:
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({**header, **summary}, indent=2, default=str) + "\n")
+
+
+def cap_isa(isa) -> None:
+    """This process computes as a CPU with only `isa` would (None: as this one does). The caps are
+    read when torch's libraries load, so without them in its environment the process starts
+    again with them. The CPU's flags still say AVX512-BF16 while the capped oneDNN emulates bf16
+    (~35x slower than fp32), so gptlab's precision choices are made to see the capped CPU:
+    Newton-Schulz in fp32, as on a real one."""
+    if not isa:
+        return
+    if any(os.environ.get(k) != v for k, v in ISA_ENV[isa].items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_ENV[isa]})
+    import torch
+
+    import gptlab.distributed
+
+    if torch.backends.cpu.get_cpu_capability() != isa.upper():
+        sys.exit(f"--isa {isa}: torch runs {torch.backends.cpu.get_cpu_capability()} kernels")
+    gptlab.distributed.fast_cpu_precision = lambda precision: False
 
 
 def compose(overrides=()):

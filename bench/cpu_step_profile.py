@@ -11,6 +11,7 @@ is left between the step and that peak.
     python bench/cpu_step_profile.py --json bench/results/cpu_step_profile.json
     python bench/cpu_step_profile.py --arm "optim=adamw" --json ...   # overrides for one arm
     python bench/cpu_step_profile.py --tiny                            # the CI-sized smoke run
+    python bench/cpu_step_profile.py --isa avx2 --json ...             # as an AVX2-only CPU runs it
 """
 import argparse
 import time
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import add_json_option, as_overrides, gptlab_run, matmul_peak, print_result, write_json
+from common import ISA_ENV, add_json_option, as_overrides, cap_isa, gptlab_run, matmul_peak, print_result, write_json
 from time_to_quality import SHAPE, TINY, WAR_AND_PEACE, load_data
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
@@ -75,7 +76,8 @@ def profile(args) -> dict:
     tokens = shape["trainer.micro_batch_size"] * shape["data.block_size"] * args.steps
     return {
         "config": {"optim": ran.optim.name, "scheduler": ran.scheduler.name, "mixed_precision": ran.trainer.mixed_precision,
-                   "overrides": args.arm, "threads": args.threads, "steps": args.steps, **shape},
+                   "overrides": args.arm, "threads": args.threads, "steps": args.steps, **shape,
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "wall_s": wall_s, "profiled_self_s": total_self, "tokens_per_s": tokens / wall_s,
         "seconds": by, "shares": {k: v / wall_s for k, v in by.items()},
         "matmul_peak_flops": peak["flops"],
@@ -109,11 +111,13 @@ def main() -> None:
     p.add_argument("--text", default=str(WAR_AND_PEACE))
     p.add_argument("--cache-dir", default="~/.cache/gptlab")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), help="cap the CPU kernels at this instruction set "
+                   "(bench/common.py's cap_isa)")
     add_json_option(p, "cpu_step_profile")
     args = p.parse_args()
+    cap_isa(args.isa)
     result = profile(args)
     write_json(args.json, result)
-    s = result["shares"]
     print(f"{result['tokens_per_s']:.0f} tok/s; of the step's wall time: " +
           ", ".join(f"{k} {v:.1%}" for k, v in result["shares"].items()))
     for row in result["top_ops"]:

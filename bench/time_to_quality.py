@@ -45,8 +45,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import (AVX2, RESULT, add_json_option, as_overrides, compose, gptlab_run, print_result, split_overrides,
-                    write_json)
+from common import (ISA_ENV, RESULT, add_json_option, as_overrides, cap_isa, compose, gptlab_run, print_result,
+                    split_overrides, write_json)
 from gptlab.distributed import cpu_threads_per_process, fast_cpu_precision
 from train_vs_trainer import WAR_AND_PEACE, make_trainer
 
@@ -220,18 +220,8 @@ def run_gptlab_arm(args, overrides: list) -> dict:
             "mixed_precision": cfg.trainer.mixed_precision, "optimizer": cfg.optim.name}
 
 
-# what --isa caps, in the arms' environment (read when torch and its libraries load)
-ISA_ENV = {"avx2": {**AVX2, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
-
-
 def worker(args) -> None:
-    if args.isa:
-        if torch.backends.cpu.get_cpu_capability() != args.isa.upper():
-            sys.exit(f"--isa {args.isa}: torch runs {torch.backends.cpu.get_cpu_capability()} kernels")
-        # the CPU's flags still say AVX512-BF16; the capped oneDNN emulates bf16 (~35x slower
-        # than fp32 measured), so gptlab's precision choices must see what a real AVX2 CPU has
-        import gptlab.distributed
-        gptlab.distributed.fast_cpu_precision = lambda precision: False
+    cap_isa(args.isa)
     torch.set_num_threads(args.threads)  # the Trainer's; gptlab's run() sets trainer.cpu_threads
     name = args.worker
     res = (run_trainer(args, bf16=name == "trainer-bf16") if name in TRAINER_ARMS
@@ -250,7 +240,7 @@ def spawn(arm: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--cache-dir", str(args.cache_dir),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every), *(["--tiny"] if args.tiny else []),
            "--threads", str(args.threads), *(["--isa", args.isa] if args.isa else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **ISA_ENV.get(args.isa, {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **ISA_ENV.get(args.isa, {})}  # no restart
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:

@@ -406,6 +406,24 @@ def test_time_to_quality_bench_runs(tmp_path):
 
 @pytest.mark.slow
 @requires_shared
+def test_cpu_step_profile_runs_as_an_avx2_cpu(tmp_path):
+    out, text = tmp_path / "profile.json", tmp_path / "war_and_peace_start.txt"
+    text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_step_profile.py"), "--tiny", "--steps", "2",
+                           "--warmup-steps", "1", "--isa", "avx2", "--cache-dir", str(tmp_path), "--text", str(text),
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # it started again with the caps, and Muon's Newton-Schulz took fp32, as on an AVX2-only CPU
+    assert result["config"]["cpu_capability"] == "AVX2" and result["config"]["optim"] == "muon"
+    assert "Muon: Newton-Schulz in fp32" in proc.stderr
+    parts = result["seconds"]
+    assert all(v >= 0 for v in parts.values()) and parts["matmul"] > 0 and parts["optimizer"] > 0
+    assert sum(parts.values()) == pytest.approx(max(result["wall_s"], result["profiled_self_s"]), rel=1e-6)
+
+
+@pytest.mark.slow
+@requires_shared
 def test_ns_precision_bench_runs(tmp_path):
     out, text = tmp_path / "ns.json", tmp_path / "war_and_peace_start.txt"
     text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")

@@ -240,8 +240,7 @@ def spawn(arm: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--text", args.text, "--cache-dir", str(args.cache_dir),
            "--steps", str(args.steps), "--eval-every", str(args.eval_every), *(["--tiny"] if args.tiny else []),
            "--threads", str(args.threads), *(["--isa", args.isa] if args.isa else [])]
-    # with --isa's caps from the start, so that cap_isa need not restart the worker
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **ISA_ENV.get(args.isa, {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:

@@ -8,7 +8,8 @@ its own copy for four things torch's lacks:
   piece, each scaled as a matrix of its own (optim.muon_split_qkv);
 - Newton–Schulz in fp32 where bf16 matmul is emulated (a CPU without AVX512-BF16 or AMX, a
   V100): there bf16 Newton–Schulz measured 33-37x slower than fp32 and the default recipe ~7x
-  slower (bench/ns_precision.py);
+  slower (bench/ns_precision.py). In fp32 a matrix at least twice as wide as tall (the MLP's)
+  iterates on its Gram matrix instead, the same polynomial in ~half the FLOPs;
 - `step(reject=flag)` leaves the weights and the momentum as they were where a device flag
   says so, without reading the flag back to the host (see optim.step_unless);
 - FSDP2. Newton–Schulz needs each matrix whole, and FSDP2 shards it by rows over the
@@ -39,17 +40,47 @@ def orthogonalise(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat
 
     `g` is one matrix or a stack (n, rows, cols) of same-shaped ones, each orthogonalised on its own.
     """
-    a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=NS_EPS)  # spectral norm at most 1
+    wide = x.size(-1) >= 2 * x.size(-2)
+    x = _gram_newton_schulz(x, steps) if wide and dtype == torch.float32 else _newton_schulz(x, steps)
+    return x.mT if tall else x
+
+
+def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x ← a·x + (b·G + c·G²)·x with G = x·xᵀ: 4·m²·n + 2·m³ FLOPs a step for x (m, n)."""
+    a, b, c = NS_COEFFICIENTS
     mm = torch.addmm if x.ndim == 2 else torch.baddbmm
     for _ in range(steps):
         gram = x @ x.mT
         x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+    return x
+
+
+def _gram_newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The same iteration on the (m, m) Gram matrix alone, for x (m, n) with n ≥ 2·m.
+
+    Each step multiplies x on the left by Q = a + b·G + c·G², a polynomial in G = x·xᵀ, so
+    x_k = P·x_0 with P the product of the Qs, and the next G is Q·G·Q. Only P and G are
+    iterated, and x_0 is multiplied once at the end: 4·m²·n + (8·steps - 6)·m³ FLOPs against
+    steps·(4·m²·n + 2·m³), 44% fewer for an MLP matrix (n = 4·m) over 5 steps. fp32 only: it
+    amplifies rounding in the small singular values, which in bf16 reached a relative error
+    of 6 on a low-rank matrix, against 0.3 for the iteration above (1.5e-4 and 2e-5 in fp32).
+    """
+    a, b, c = NS_COEFFICIENTS
+    mm = torch.addmm if x.ndim == 2 else torch.baddbmm
+    gram = x @ x.mT
+    a_eye = torch.eye(x.size(-2), dtype=x.dtype, device=x.device) * a
+    p = None
+    for step in range(steps):
+        q = mm(torch.add(a_eye, gram, alpha=b), gram, gram, alpha=c)
+        p = q if p is None else q @ p
+        if step < steps - 1:
+            gram = q @ (q @ gram)
+    return p @ x
 
 
 def orthogonalise_pieces(g: torch.Tensor, pieces: int, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -104,6 +104,32 @@ def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch, native)
         torch.testing.assert_close(p.detach(), w - update, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16), (3, 16, 48)])
+def test_wide_matrices_orthogonalise_through_their_gram_matrix_in_fp32(shape):
+    """In fp32 a matrix at least twice as wide as tall (either way round) runs Newton–Schulz on its
+    Gram matrix: the textbook iteration's result (in fp64) in 4·m²·n + 34·m³ FLOPs for 5 steps,
+    against 5·(4·m²·n + 2·m³). bf16 keeps the textbook iteration, which the Gram one is unstable in."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gptlab.muon import NS_COEFFICIENTS, orthogonalise
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x = (g if shape[-2] < shape[-1] else g.mT).double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(5):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    want = x if shape[-2] < shape[-1] else x.mT
+    count = shape[0] if len(shape) == 3 else 1
+    m, n = min(shape[-2:]), max(shape[-2:])
+    for dtype, flops in ((torch.float32, 4 * m * m * n + 34 * m ** 3), (torch.bfloat16, 5 * (4 * m * m * n + 2 * m ** 3))):
+        with FlopCounterMode(display=False) as counted:
+            orthogonalise(g, 5, dtype)
+        assert counted.get_total_flops() == count * flops
+    torch.testing.assert_close(orthogonalise(g, 5, torch.float32).double(), want, rtol=0, atol=1e-5)
+
+
 def test_adafactor_is_the_hf_trainers():
     """Seed 004's Adafactor: transformers' with an external lr (no relative step, no parameter scale),
     factored for matrices, full for vectors, with weight decay. (Not on GPT-2: its key biases get

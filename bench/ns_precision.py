@@ -3,13 +3,11 @@
 A CPU without AVX512-BF16 or AMX (the AVX-only machines) emulates bf16 matmul. This script
 shows how such a CPU computes on this one: a second process limits oneDNN and ATen to AVX2
 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2). In each process, one torch thread:
-- Newton–Schulz alone: the time-to-quality model's matrices as today's default gives them to
-  Muon (4 layers × Q, K, V, attn c_proj, c_fc, mlp c_proj), stacked by shape as Muon stacks
-  them, 5 iterations, in bf16, in fp32 (where the MLP's wide matrices iterate on their Gram
-  matrix) and in fp32 with the textbook iteration for every matrix (gptlab before that);
+- Newton–Schulz alone: the time-to-quality model's 16 matrices (4 layers × c_attn, attn
+  c_proj, c_fc, mlp c_proj), stacked by shape as Muon stacks them, 5 iterations, bf16 and fp32;
 - gptlab's default recipe at that size (bench/time_to_quality.py's data and shape), tokens/s
-  over a few steps with each of the three, and the seeds' Trainer (time_to_quality.py's
-  Trainer arm, fp32) over as many steps.
+  over a few steps with Newton–Schulz in bf16 (what gptlab did everywhere before) and in fp32,
+  and the seeds' Trainer (time_to_quality.py's Trainer arm, fp32) over as many steps.
 gptlab now takes bf16 where the CPU says it has native bf16 matmul and fp32 elsewhere
 (gptlab.distributed.native_bf16_matmul); the AVX2 process's CPU still says it has it, so there
 both are forced.
@@ -32,8 +30,7 @@ from common import AVX2, RESULT, StepClock, add_json_option, as_overrides, print
 from time_to_quality import SHAPE, TINY, TRAINER, WAR_AND_PEACE, load_data
 from train_vs_trainer import make_trainer
 
-# name: (Newton–Schulz's dtype, whether every matrix takes the textbook iteration)
-VARIANTS = {"bf16": (torch.bfloat16, False), "fp32": (torch.float32, False), "fp32_textbook": (torch.float32, True)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def newton_schulz_s(shape: dict, dtype: torch.dtype, repeats: int) -> float:
@@ -41,7 +38,7 @@ def newton_schulz_s(shape: dict, dtype: torch.dtype, repeats: int) -> float:
     from gptlab.muon import orthogonalise
 
     n, d = shape["model.n_layer"], shape["model.n_embd"]
-    stacks = [torch.randn(k * n, *s) for k, s in ((3, (d, d)), (1, (d, d)), (1, (d, 4 * d)), (1, (4 * d, d)))]
+    stacks = [torch.randn(n, *s) for s in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d))]
     best = float("inf")
     for _ in range(repeats + 1):  # the first warms up
         start = time.perf_counter()
@@ -72,17 +69,12 @@ def trainer_tokens_per_s(data, shape: dict, steps: int, warmup_steps: int) -> fl
 def worker(args) -> None:
     import gptlab.muon
 
-    gram = gptlab.muon._gram_newton_schulz
     torch.set_num_threads(1)
     shape = TINY if args.tiny else SHAPE
-    result = {}
-    for name, (dtype, textbook) in VARIANTS.items():
-        gptlab.muon._gram_newton_schulz = gptlab.muon._newton_schulz if textbook else gram
-        result[f"ns_{name}_s"] = newton_schulz_s(shape, dtype, args.repeats)
+    result = {f"ns_{name}_s": newton_schulz_s(shape, dtype, args.repeats) for name, dtype in DTYPES.items()}
     data = load_data(SimpleNamespace(tiny=args.tiny, text=args.text, cache_dir=args.cache_dir, worker=True))
-    for name, (dtype, textbook) in VARIANTS.items():
-        gptlab.muon._gram_newton_schulz = gptlab.muon._newton_schulz if textbook else gram
-        gptlab.muon.native_bf16_matmul = lambda device, bf16=dtype == torch.bfloat16: bf16
+    for name in DTYPES:
+        gptlab.muon.native_bf16_matmul = lambda device, bf16=name == "bf16": bf16
         run = run_gptlab(data, [*as_overrides(shape), "trainer.cpu_threads=1", "trainer.sample_prompts=[]",
                                 "trainer.save_every=0"], args.steps + 2, 2)
         result[f"default_{name}_tokens_per_s"] = run["tokens_per_s"]
@@ -113,15 +105,15 @@ def main() -> None:
             sys.exit(f"the {cpu} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         results[cpu] = json.loads(lines[-1][len(RESULT):])
     write_json(args.json, {"results": results})
-    print(f"{'bf16 matmul':22s} {'NS s: bf16':>10s} {'fp32':>6s} {'textbook':>8s}   "
-          f"{'default tok/s, NS bf16':>22s} {'fp32':>6s} {'textbook':>8s} {'Trainer':>8s}   x Trainer, NS bf16 / fp32 / textbook")
+    print(f"{'bf16 matmul':22s} {'NS bf16 s':>10s} {'NS fp32 s':>10s} {'bf16/fp32':>9s}   "
+          f"{'default tok/s, NS bf16':>22s} {'NS fp32':>8s} {'Trainer':>8s}   x Trainer, NS bf16 / fp32")
     for cpu, r in results.items():
-        ns = [r[f"ns_{name}_s"] for name in VARIANTS]
-        rates = [r[f"default_{name}_tokens_per_s"] for name in VARIANTS]
-        trainer = r["trainer_tokens_per_s"]
-        print(f"{'native' if cpu == 'native' else 'emulated (AVX2 only)':22s} {ns[0]:10.3f} {ns[1]:6.3f} {ns[2]:8.3f}   "
-              f"{rates[0]:22.0f} {rates[1]:6.0f} {rates[2]:8.0f} {trainer:8.0f}   "
-              + " / ".join(f"{rate / trainer:.2f}x" for rate in rates))
+        bf16, fp32, trainer = (r[k] for k in ("default_bf16_tokens_per_s", "default_fp32_tokens_per_s",
+                                               "trainer_tokens_per_s"))
+        print(f"{'native' if cpu == 'native' else 'emulated (AVX2 only)':22s} {r['ns_bf16_s']:10.3f} "
+              f"{r['ns_fp32_s']:10.3f} {r['ns_bf16_s'] / r['ns_fp32_s']:8.1f}x   "
+              f"{bf16:22.0f} {fp32:8.0f} {trainer:8.0f}   {bf16 / trainer:.2f}x / {fp32 / trainer:.2f}x")
+
 
 if __name__ == "__main__":
     main()

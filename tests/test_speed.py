@@ -434,3 +434,16 @@ def test_ns_precision_bench_runs(tmp_path):
     for row in results.values():
         assert all(row[f"ns_{d}_s"] > 0 and row[f"default_{d}_tokens_per_s"] > 0 for d in ("bf16", "fp32")), row
         assert row["trainer_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+@requires_shared
+def test_gram_ns_bench_runs(tmp_path):
+    out, text = tmp_path / "gram.json", tmp_path / "war_and_peace_start.txt"
+    text.write_text((SHARED / "tolstoy" / "war_and_peace.txt").read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    stdout = run_bench(ROOT / "bench" / "gram_ns.py", "--tiny", "--steps", 2, "--rounds", 2, "--repeats", 1,
+                       "--isa", "avx2", "--cache-dir", tmp_path, "--text", text, "--json", out)
+    result = json.loads(out.read_text())
+    # it started again with the caps, and ran each iteration in alternate rounds
+    assert result["cpu_capability"] == "AVX2" and "gram / textbook" in stdout
+    assert all(result["newton_schulz_s"][v] > 0 and len(result["tokens_per_s"][v]) == 2 for v in ("gram", "textbook"))

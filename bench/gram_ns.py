@@ -15,30 +15,15 @@ Muon runs on such a CPU.
 """
 import argparse
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
 
-from common import ISA_ENV, add_json_option, as_overrides, cap_isa, run_gptlab, write_json
+from common import ISA_ENV, add_json_option, cap_isa, write_json
+from ns_precision import default_tokens_per_s, newton_schulz_s
 from time_to_quality import SHAPE, TINY, WAR_AND_PEACE, load_data
 
 VARIANTS = ("gram", "textbook")
-
-
-def newton_schulz_s(shape: dict, repeats: int) -> float:
-    """Seconds for one Muon step's fp32 Newton–Schulz on the model's matrices (the best of `repeats`)."""
-    from gptlab.muon import orthogonalise
-
-    n, d = shape["model.n_layer"], shape["model.n_embd"]
-    stacks = [torch.randn(k * n, *s) for k, s in ((3, (d, d)), (1, (d, d)), (1, (d, 4 * d)), (1, (4 * d, d)))]
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first warms up
-        start = time.perf_counter()
-        for g in stacks:
-            orthogonalise(g, 5, torch.float32)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -67,15 +52,13 @@ def main() -> None:
     ns_s = {}
     for variant in VARIANTS:
         use(variant)
-        ns_s[variant] = newton_schulz_s(shape, args.repeats)
+        ns_s[variant] = newton_schulz_s(shape, torch.float32, args.repeats, qkv_pieces=3)
     data = load_data(SimpleNamespace(tiny=args.tiny, text=args.text, cache_dir=args.cache_dir, worker=False))
     rates = {variant: [] for variant in VARIANTS}
     for i in range(args.rounds):
         for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
             use(variant)
-            run = run_gptlab(data, [*as_overrides(shape), "trainer.cpu_threads=1", "trainer.sample_prompts=[]",
-                                    "trainer.save_every=0"], args.steps + 4, 4)
-            rates[variant].append(run["tokens_per_s"])
+            rates[variant].append(default_tokens_per_s(data, shape, args.steps, 4))
     median = {variant: statistics.median(r) for variant, r in rates.items()}
     write_json(args.json, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "steps": args.steps,
                            "newton_schulz_s": ns_s, "tokens_per_s": rates, "median_tokens_per_s": median})

@@ -33,12 +33,14 @@ from train_vs_trainer import make_trainer
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def newton_schulz_s(shape: dict, dtype: torch.dtype, repeats: int) -> float:
-    """Seconds for one Muon step's Newton–Schulz on the model's matrices (the best of `repeats`)."""
+def newton_schulz_s(shape: dict, dtype: torch.dtype, repeats: int, qkv_pieces: int = 1) -> float:
+    """Seconds for one Muon step's Newton–Schulz on the model's matrices (the best of `repeats`);
+    qkv_pieces=3: c_attn as Q, K and V apart, as optim.muon_split_qkv gives it to Muon."""
     from gptlab.muon import orthogonalise
 
     n, d = shape["model.n_layer"], shape["model.n_embd"]
-    stacks = [torch.randn(n, *s) for s in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d))]
+    stacks = [torch.randn(k * n, *s) for k, s in ((qkv_pieces, (d, 3 * d // qkv_pieces)), (1, (d, d)),
+                                                  (1, (d, 4 * d)), (1, (4 * d, d)))]
     best = float("inf")
     for _ in range(repeats + 1):  # the first warms up
         start = time.perf_counter()
@@ -46,6 +48,12 @@ def newton_schulz_s(shape: dict, dtype: torch.dtype, repeats: int) -> float:
             orthogonalise(g, 5, dtype)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def default_tokens_per_s(data, shape: dict, steps: int, warmup_steps: int) -> float:
+    """The default recipe's tokens/s at `shape`, one thread, over `steps` after `warmup_steps`."""
+    return run_gptlab(data, [*as_overrides(shape), "trainer.cpu_threads=1", "trainer.sample_prompts=[]",
+                             "trainer.save_every=0"], steps + warmup_steps, warmup_steps)["tokens_per_s"]
 
 
 def trainer_tokens_per_s(data, shape: dict, steps: int, warmup_steps: int) -> float:
@@ -75,9 +83,7 @@ def worker(args) -> None:
     data = load_data(SimpleNamespace(tiny=args.tiny, text=args.text, cache_dir=args.cache_dir, worker=True))
     for name in DTYPES:
         gptlab.muon.native_bf16_matmul = lambda device, bf16=name == "bf16": bf16
-        run = run_gptlab(data, [*as_overrides(shape), "trainer.cpu_threads=1", "trainer.sample_prompts=[]",
-                                "trainer.save_every=0"], args.steps + 2, 2)
-        result[f"default_{name}_tokens_per_s"] = run["tokens_per_s"]
+        result[f"default_{name}_tokens_per_s"] = default_tokens_per_s(data, shape, args.steps, 2)
     result["trainer_tokens_per_s"] = trainer_tokens_per_s(data, shape, args.steps + 2, 2)
     print_result(result)
 

@@ -111,6 +111,8 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     guard = StepGuard.from_config(tc, accelerator)
     meter, last, evaluated_at = Meter(accelerator.device), {}, None
     tasks_every = cfg.tasks.every or tc.eval_every
+    # Sequence warmup: steps 1..seq_warmup_steps read only the first seq_warmup_len tokens of each block.
+    short_blocks = train_blocks.prefix(tc.seq_warmup_len) if tc.seq_warmup_steps else train_blocks
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
@@ -147,13 +149,14 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
         set_lr(optimizer, lr)
         if momentum is not None:
             set_momentum(optimizer, momentum(t))
+        blocks = short_blocks if t <= tc.seq_warmup_steps else train_blocks
         everyone = order.step_batches(t - 1)  # the data order counts the steps before this one
-        z = sum(loss_fn.denominator(train_blocks, ids) for ids in everyone) / accelerator.num_processes
-        batches = [train_blocks.batch(ids) for ids in order.micro_batches(t - 1)]
+        z = sum(loss_fn.denominator(blocks, ids) for ids in everyone) / accelerator.num_processes
+        batches = [blocks.batch(ids) for ids in order.micro_batches(t - 1)]
         loss, norm, reject = train_step(model, optimizer, loss_fn, batches, z, guard, t, accelerator, max_norm)
         if ema is not None:
             ema.update(t, reject)
-        meter.add(loss, norm, reject, sum(train_blocks.n_tokens(ids) for ids in everyone))
+        meter.add(loss, norm, reject, sum(blocks.n_tokens(ids) for ids in everyone))
         if t == start_step + 1:
             log_state_bytes(model, optimizer, accelerator.num_processes)  # the optimizer's state exists now
 

@@ -84,6 +84,14 @@ def check_config(cfg) -> None:
                                            1 <= tc.batch_warmup_micro <= tc.micro_batch_size),
              f"trainer.batch_warmup_micro={tc.batch_warmup_micro} must be in 1..trainer.micro_batch_size="
              f"{tc.micro_batch_size}: the sequences of each micro batch the first batch_warmup_steps steps read")
+    _require(tc.seq_warmup_steps >= 0, f"trainer.seq_warmup_steps={tc.seq_warmup_steps} must be >= 0 (0: off)")
+    _require(not tc.seq_warmup_steps or (tc.seq_warmup_len is not None and
+                                         2 <= tc.seq_warmup_len <= cfg.data.block_size),
+             f"trainer.seq_warmup_len={tc.seq_warmup_len} must be in 2..data.block_size={cfg.data.block_size}: "
+             "the tokens of each block the first seq_warmup_steps steps read")
+    _require(not tc.seq_warmup_steps or cfg.data.pack != "sample",
+             "trainer.seq_warmup_steps needs blocks (data.pack=concat or chunk); with data.pack=sample "
+             "each row is already one document")
 
     check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
     if not mc.pretrained_path:  # a pretrained model brings its own shape

@@ -86,6 +86,17 @@ def test_batch_warmup_reads_the_first_sequences_of_each_micro_batch():
     assert warm.epoch_at(3) == full.epoch_at(3)
 
 
+def test_sequence_warmup_reads_the_first_tokens_of_each_block(tmp_path):
+    path = tmp_path / "train.bin"
+    np.arange(40, dtype=np.uint16).tofile(path)
+    blocks = TokenBlocks(path, "uint16", block_size=8)
+    short = blocks.prefix(3)
+    assert short.batch(np.array([1, 4])).tolist() == [[8, 9, 10], [32, 33, 34]]
+    assert short.targets(np.array([1, 4])).tolist() == [2, 2] and short.n_tokens(np.array([1, 4])) == 6
+    assert len(short) == len(blocks) == 5  # the same blocks, fewer tokens of each
+    assert blocks.batch(np.array([1])).tolist() == [list(range(8, 16))] and blocks.targets(np.array([1])).tolist() == [7]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_shares_cover_every_block_once(world):
     seen = np.concatenate([np.concatenate(eval_batches(11, 4, world, r)) for r in range(world)])

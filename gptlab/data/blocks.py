@@ -11,6 +11,7 @@ the blocks, and rank r of W takes every W-th micro-batch. So a run with W proces
 and grad_accum A sees exactly the blocks of a 1-process run with grad_accum A*W, and
 resuming at optimizer step s needs nothing but s.
 """
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,24 +82,31 @@ class TokenBlocks:
     def __init__(self, path: Path, dtype: str, block_size: int):
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         self.block_size = block_size
+        self.length = block_size  # tokens read from each block's start: less only in prefix()
         self.n_blocks = len(self.tokens) // block_size
         self.what = f"blocks of data.block_size={block_size}"
 
     def __len__(self) -> int:
         return self.n_blocks
 
+    def prefix(self, length: int) -> "TokenBlocks":
+        """The same blocks, each cut to its first `length` tokens (trainer.seq_warmup_len)."""
+        short = copy.copy(self)
+        short.length = length
+        return short
+
     def batch(self, block_ids: np.ndarray) -> torch.Tensor:
         """(B, T) int64 ids."""
         starts = np.asarray(block_ids, dtype=np.int64)[:, None] * self.block_size
-        rows = self.tokens[starts + np.arange(self.block_size)]
+        rows = self.tokens[starts + np.arange(self.length)]
         return torch.from_numpy(rows.astype(np.int64))
 
     def targets(self, block_ids: np.ndarray) -> np.ndarray:
         """Each row's count of predicted tokens, without reading the tokens."""
-        return np.full(len(block_ids), self.block_size - 1)
+        return np.full(len(block_ids), self.length - 1)
 
     def n_tokens(self, block_ids: np.ndarray) -> int:
-        return len(block_ids) * self.block_size
+        return len(block_ids) * self.length
 
 
 class TokenSamples:

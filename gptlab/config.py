@@ -251,9 +251,11 @@ class TrainerConfig:
     batch_warmup_steps: int = 0
     batch_warmup_micro: Optional[int] = None
     # Sequence warmup: the first seq_warmup_steps optimizer steps read only the first
-    # seq_warmup_len tokens of each block (cheaper steps early, shorter context; 0: off).
+    # seq_warmup_len tokens of each block (cheaper steps early, shorter context; 0: off), or
+    # with seq_warmup_split every token, as rows of seq_warmup_len (a shorter context alone).
     seq_warmup_steps: int = 0
     seq_warmup_len: Optional[int] = None
+    seq_warmup_split: bool = False
     # Optimizer steps. null: trainer.epochs decides, or DEFAULT_MAX_STEPS without it. Given, it wins
     # over epochs (as run_clm's max_steps does), so `trainer.max_steps=30` shrinks any preset.
     max_steps: Optional[int] = None

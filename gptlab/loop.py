@@ -111,8 +111,11 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     guard = StepGuard.from_config(tc, accelerator)
     meter, last, evaluated_at = Meter(accelerator.device), {}, None
     tasks_every = cfg.tasks.every or tc.eval_every
-    # Sequence warmup: steps 1..seq_warmup_steps read only the first seq_warmup_len tokens of each block.
-    short_blocks = train_blocks.prefix(tc.seq_warmup_len) if tc.seq_warmup_steps else train_blocks
+    # Sequence warmup: steps 1..seq_warmup_steps read rows of seq_warmup_len tokens, each block's
+    # first (fewer tokens) or, with seq_warmup_split, all of them (the same tokens in more rows).
+    short_blocks = train_blocks
+    if tc.seq_warmup_steps:
+        short_blocks = (train_blocks.rows if tc.seq_warmup_split else train_blocks.prefix)(tc.seq_warmup_len)
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)

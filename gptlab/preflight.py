@@ -89,6 +89,9 @@ def check_config(cfg) -> None:
                                          2 <= tc.seq_warmup_len <= cfg.data.block_size),
              f"trainer.seq_warmup_len={tc.seq_warmup_len} must be in 2..data.block_size={cfg.data.block_size}: "
              "the tokens of each block the first seq_warmup_steps steps read")
+    _require(not (tc.seq_warmup_steps and tc.seq_warmup_split) or cfg.data.block_size % tc.seq_warmup_len == 0,
+             f"trainer.seq_warmup_split=true: data.block_size={cfg.data.block_size} must be a multiple of "
+             f"trainer.seq_warmup_len={tc.seq_warmup_len} (each block is read as rows of that length)")
     _require(not tc.seq_warmup_steps or cfg.data.pack != "sample",
              "trainer.seq_warmup_steps needs blocks (data.pack=concat or chunk); with data.pack=sample "
              "each row is already one document")

@@ -152,8 +152,9 @@ def _run(composed, early) -> dict:
         log.info("batch warmup: steps 1-%d read %d of each micro batch's %d sequences", tc.batch_warmup_steps,
                  tc.batch_warmup_micro, plan.micro)
     if tc.seq_warmup_steps:
-        log.info("sequence warmup: steps 1-%d read the first %d of each block's %d tokens", tc.seq_warmup_steps,
-                 tc.seq_warmup_len, cfg.data.block_size)
+        log.info("sequence warmup: steps 1-%d read %s of each block's %d tokens", tc.seq_warmup_steps,
+                 f"all, as rows of {tc.seq_warmup_len}," if tc.seq_warmup_split else f"the first {tc.seq_warmup_len}",
+                 cfg.data.block_size)
 
     ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
     checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base, ema)

@@ -82,7 +82,8 @@ class TokenBlocks:
     def __init__(self, path: Path, dtype: str, block_size: int):
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         self.block_size = block_size
-        self.length = block_size  # tokens read from each block's start: less only in prefix()
+        self.length = block_size  # tokens a row holds: less only in prefix() and rows()
+        self.per_block = 1  # rows each block is read as: more only in rows()
         self.n_blocks = len(self.tokens) // block_size
         self.what = f"blocks of data.block_size={block_size}"
 
@@ -95,18 +96,25 @@ class TokenBlocks:
         short.length = length
         return short
 
+    def rows(self, length: int) -> "TokenBlocks":
+        """The same blocks, each read whole as block_size / length rows of `length` tokens
+        (trainer.seq_warmup_split)."""
+        split = self.prefix(length)
+        split.per_block = self.block_size // length
+        return split
+
     def batch(self, block_ids: np.ndarray) -> torch.Tensor:
-        """(B, T) int64 ids."""
+        """(B x per_block, length) int64 ids."""
         starts = np.asarray(block_ids, dtype=np.int64)[:, None] * self.block_size
-        rows = self.tokens[starts + np.arange(self.length)]
-        return torch.from_numpy(rows.astype(np.int64))
+        rows = self.tokens[starts + np.arange(self.length * self.per_block)]
+        return torch.from_numpy(rows.astype(np.int64).reshape(-1, self.length))
 
     def targets(self, block_ids: np.ndarray) -> np.ndarray:
         """Each row's count of predicted tokens, without reading the tokens."""
-        return np.full(len(block_ids), self.length - 1)
+        return np.full(len(block_ids) * self.per_block, self.length - 1)
 
     def n_tokens(self, block_ids: np.ndarray) -> int:
-        return len(block_ids) * self.length
+        return len(block_ids) * self.per_block * self.length
 
 
 class TokenSamples:

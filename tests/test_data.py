@@ -95,6 +95,9 @@ def test_sequence_warmup_reads_the_first_tokens_of_each_block(tmp_path):
     assert short.targets(np.array([1, 4])).tolist() == [2, 2] and short.n_tokens(np.array([1, 4])) == 6
     assert len(short) == len(blocks) == 5  # the same blocks, fewer tokens of each
     assert blocks.batch(np.array([1])).tolist() == [list(range(8, 16))] and blocks.targets(np.array([1])).tolist() == [7]
+    split = blocks.rows(4)  # every token of each block, as two rows of 4
+    assert split.batch(np.array([1, 4])).tolist() == [[8, 9, 10, 11], [12, 13, 14, 15], [32, 33, 34, 35], [36, 37, 38, 39]]
+    assert split.targets(np.array([1, 4])).tolist() == [3] * 4 and split.n_tokens(np.array([1, 4])) == 16
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -137,20 +137,23 @@ def test_elastic_resume_with_dropout_says_the_masks_cannot_match(tmp_path, base,
     assert result["stopped"] is None and (tmp_path / "run" / "final").is_dir()
 
 
-def test_sequence_warmup_reads_shorter_blocks_and_resumes_exactly(tmp_path, base, one_proc):
-    """Steps 1-6 read the first 16 of each block's 64 tokens: the run leaves the full-block one
-    from step 1, and a resume at step 4, inside the warmup, continues bit-exactly. A warmup
-    over the whole block is the run without one, to the last bit."""
-    warm = [*base, "trainer.seq_warmup_steps=6", "trainer.seq_warmup_len=16"]
+@pytest.mark.parametrize("split, reads", [(False, "the first 16"), (True, "all, as rows of 16,")])
+def test_sequence_warmup_reads_shorter_rows_and_resumes_exactly(tmp_path, base, one_proc, split, reads):
+    """Steps 1-6 read rows of 16 tokens, each block's first 16 or (split) all its 64 as four
+    rows: the run leaves the full-block one from step 1, and a resume at step 4, inside the
+    warmup, continues bit-exactly. A warmup over the whole block is the run without one, to
+    the last bit."""
+    warm = [*base, "trainer.seq_warmup_steps=6", "trainer.seq_warmup_len=16", f"trainer.seq_warmup_split={split}"]
     ref = tmp_path / "ref"
     run_training([f"run_dir={ref}", *warm])
-    assert "sequence warmup: steps 1-6 read the first 16 of each block's 64 tokens" in (ref / "train.log").read_text()
+    assert f"sequence warmup: steps 1-6 read {reads} of each block's 64 tokens" in (ref / "train.log").read_text()
     first = series(read_metrics(ref), "train/loss")[0][1]
     assert abs(first - series(read_metrics(one_proc), "train/loss")[0][1]) > 1e-3
     run_training([*warm, *resume_copy(ref, tmp_path / "resumed")])
     assert_same_curve(tmp_path / "resumed", ref, tol=0)
     whole = tmp_path / "whole"
-    run_training([f"run_dir={whole}", *base, "trainer.seq_warmup_steps=6", "trainer.seq_warmup_len=64"])
+    run_training([f"run_dir={whole}", *base, "trainer.seq_warmup_steps=6", "trainer.seq_warmup_len=64",
+                  f"trainer.seq_warmup_split={split}"])
     assert_same_curve(whole, one_proc, tol=0)
 
 

@@ -40,6 +40,8 @@ CONFIG_TABLE = [
     ("trainer.seq_warmup_steps=-1", r"^trainer\.seq_warmup_steps=-1 must be >= 0 \(0: off\)$"),
     ("trainer.seq_warmup_steps=20", r"^trainer\.seq_warmup_len=None must be in 2\.\.data\.block_size=64: "),
     ("trainer.seq_warmup_steps=20 trainer.seq_warmup_len=65", r"^trainer\.seq_warmup_len=65 must be in 2\.\."),
+    ("trainer.seq_warmup_steps=20 trainer.seq_warmup_len=24 trainer.seq_warmup_split=true",
+     r"^trainer\.seq_warmup_split=true: data\.block_size=64 must be a multiple of trainer\.seq_warmup_len=24 "),
     ("trainer.seq_warmup_steps=20 trainer.seq_warmup_len=32 data.pack=sample",
      r"^trainer\.seq_warmup_steps needs blocks \(data\.pack=concat or chunk\)"),
     ("scheduler.min_lr=0.01", r"^scheduler\.min_lr=0\.01 is greater than optim\.lr=0\.003$"),

@@ -250,12 +250,14 @@ class TrainerConfig:
     # batch_warmup_micro sequences of each micro batch (cheaper steps early; 0: off).
     batch_warmup_steps: int = 0
     batch_warmup_micro: Optional[int] = None
-    # Sequence warmup: the first seq_warmup_steps optimizer steps read only the first
-    # seq_warmup_len tokens of each block (cheaper steps early, shorter context; 0: off), or
-    # with seq_warmup_split every token, as rows of seq_warmup_len (a shorter context alone).
-    seq_warmup_steps: int = 0
+    # Sequence warmup: the first seq_warmup_steps optimizer steps read every token of each block
+    # as rows of seq_warmup_len (a shorter context alone), or with seq_warmup_split=false only each
+    # block's first seq_warmup_len tokens (cheaper steps, shorter context). 0: off; null: by the
+    # job, 100 steps (at most a third of the run) in the default recipe from scratch, else off
+    # (schedule.sequence_warmup). seq_warmup_len null: half of data.block_size.
+    seq_warmup_steps: Optional[int] = None
     seq_warmup_len: Optional[int] = None
-    seq_warmup_split: bool = False
+    seq_warmup_split: bool = True
     # Optimizer steps. null: trainer.epochs decides, or DEFAULT_MAX_STEPS without it. Given, it wins
     # over epochs (as run_clm's max_steps does), so `trainer.max_steps=30` shrinks any preset.
     max_steps: Optional[int] = None

@@ -14,7 +14,7 @@ from .footprint import log_state_bytes
 from .guards import StepGuard, TrainingHalted, halt
 from .model import forward_loss
 from .optim import clip_grad_norm, set_lr, set_momentum, step_unless
-from .schedule import make_momentum, make_schedule
+from .schedule import SeqWarmup, make_momentum, make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class Meter:
 
 
 def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, accelerator, tracker,
-          max_steps: int, start_step: int = 0, checkpoints=None, on_eval=None, score_tasks=None, ema=None) -> dict:
+          max_steps: int, seq_warmup: SeqWarmup, start_step: int = 0, checkpoints=None, on_eval=None,
+          score_tasks=None, ema=None) -> dict:
     """Steps start_step + 1 .. max_steps; returns the last log row with the last evaluation.
 
     score_tasks() gives the multiple-choice accuracies (choices.py), logged every tasks.every steps
@@ -111,11 +112,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
     guard = StepGuard.from_config(tc, accelerator)
     meter, last, evaluated_at = Meter(accelerator.device), {}, None
     tasks_every = cfg.tasks.every or tc.eval_every
-    # Sequence warmup: steps 1..seq_warmup_steps read rows of seq_warmup_len tokens, each block's
-    # first (fewer tokens) or, with seq_warmup_split, all of them (the same tokens in more rows).
-    short_blocks = train_blocks
-    if tc.seq_warmup_steps:
-        short_blocks = (train_blocks.rows if tc.seq_warmup_split else train_blocks.prefix)(tc.seq_warmup_len)
+    short_blocks = seq_warmup.blocks(train_blocks)  # steps 1..seq_warmup.steps read shorter rows
 
     def run_eval(t: int) -> dict:
         metrics = evaluate(model, valid_blocks, tc.micro_batch_size, accelerator)
@@ -152,7 +149,7 @@ def train(model, optimizer, loss_fn, order, train_blocks, valid_blocks, cfg, acc
         set_lr(optimizer, lr)
         if momentum is not None:
             set_momentum(optimizer, momentum(t))
-        blocks = short_blocks if t <= tc.seq_warmup_steps else train_blocks
+        blocks = short_blocks if t <= seq_warmup.steps else train_blocks
         everyone = order.step_batches(t - 1)  # the data order counts the steps before this one
         z = sum(loss_fn.denominator(blocks, ids) for ids in everyone) / accelerator.num_processes
         batches = [blocks.batch(ids) for ids in order.micro_batches(t - 1)]

@@ -27,6 +27,7 @@ from .lora import check_lora_config
 from .loss import check_loss_config
 from .model import check_block_size, count_parameters
 from .optim import choose_optimizer
+from .schedule import seq_warmup_length
 from .tokenizer import KINDS
 from .tracking import check_trackers
 
@@ -84,17 +85,7 @@ def check_config(cfg) -> None:
                                            1 <= tc.batch_warmup_micro <= tc.micro_batch_size),
              f"trainer.batch_warmup_micro={tc.batch_warmup_micro} must be in 1..trainer.micro_batch_size="
              f"{tc.micro_batch_size}: the sequences of each micro batch the first batch_warmup_steps steps read")
-    _require(tc.seq_warmup_steps >= 0, f"trainer.seq_warmup_steps={tc.seq_warmup_steps} must be >= 0 (0: off)")
-    _require(not tc.seq_warmup_steps or (tc.seq_warmup_len is not None and
-                                         2 <= tc.seq_warmup_len <= cfg.data.block_size),
-             f"trainer.seq_warmup_len={tc.seq_warmup_len} must be in 2..data.block_size={cfg.data.block_size}: "
-             "the tokens of each block the first seq_warmup_steps steps read")
-    _require(not (tc.seq_warmup_steps and tc.seq_warmup_split) or cfg.data.block_size % tc.seq_warmup_len == 0,
-             f"trainer.seq_warmup_split=true: data.block_size={cfg.data.block_size} must be a multiple of "
-             f"trainer.seq_warmup_len={tc.seq_warmup_len} (each block is read as rows of that length)")
-    _require(not tc.seq_warmup_steps or cfg.data.pack != "sample",
-             "trainer.seq_warmup_steps needs blocks (data.pack=concat or chunk); with data.pack=sample "
-             "each row is already one document")
+    check_seq_warmup(tc, cfg.data)
 
     check_block_size(mc, cfg.data.block_size)  # the pretrained model's positions in fine-tune mode
     if not mc.pretrained_path:  # a pretrained model brings its own shape
@@ -145,6 +136,24 @@ def _check_muon(oc) -> None:
     _require(1 <= oc.ns_steps < 100, f"optim.ns_steps={oc.ns_steps} must be in [1, 99]")
     _require(oc.momentum_warmup_steps >= 0, f"optim.momentum_warmup_steps={oc.momentum_warmup_steps} must be >= 0")
     _require(0 <= oc.momentum_start < 1, f"optim.momentum_start={oc.momentum_start} must be in [0, 1)")
+
+
+def check_seq_warmup(tc, data) -> None:
+    """The sequence warmup's values as given; left null, schedule.sequence_warmup decides them."""
+    steps, length = tc.seq_warmup_steps, seq_warmup_length(tc, data.block_size)
+    _require(steps is None or steps >= 0,
+             f"trainer.seq_warmup_steps={steps} must be >= 0 (0: off; null: 100 in the default recipe from scratch)")
+    if steps == 0 or (steps is None and tc.seq_warmup_len is None):
+        return
+    _require(2 <= length <= data.block_size,
+             f"trainer.seq_warmup_len={length} must be in 2..data.block_size={data.block_size}: "
+             "the tokens in each row of the first seq_warmup_steps steps")
+    _require(not tc.seq_warmup_split or data.block_size % length == 0,
+             f"trainer.seq_warmup_split=true: data.block_size={data.block_size} must be a multiple of "
+             f"trainer.seq_warmup_len={length} (each block is read as rows of that length)")
+    _require(steps is None or data.pack != "sample",
+             "trainer.seq_warmup_steps needs blocks (data.pack=concat or chunk); with data.pack=sample "
+             "each row is already one document")
 
 
 def check_environment(cfg, cuda: bool) -> None:

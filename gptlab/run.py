@@ -29,6 +29,7 @@ from .model import (apply_activation_checkpointing, build_model, check_block_siz
                     pretrained_dir)
 from .optim import build_optimizer, choose_optimizer
 from .run_dir import agree_run_dir
+from .schedule import sequence_warmup
 from .tokenizer import check_vocab, tokenizer_path
 from .tracking import Tracker
 from .preflight import check_config, check_environment, check_run, check_warmup
@@ -151,10 +152,11 @@ def _run(composed, early) -> dict:
     if tc.batch_warmup_steps:
         log.info("batch warmup: steps 1-%d read %d of each micro batch's %d sequences", tc.batch_warmup_steps,
                  tc.batch_warmup_micro, plan.micro)
-    if tc.seq_warmup_steps:
-        log.info("sequence warmup: steps 1-%d read %s of each block's %d tokens", tc.seq_warmup_steps,
-                 f"all, as rows of {tc.seq_warmup_len}," if tc.seq_warmup_split else f"the first {tc.seq_warmup_len}",
-                 cfg.data.block_size)
+    seq_warmup = sequence_warmup(tc, cfg.data, max_steps, default_recipe=chosen is not None and
+                                 not cfg.model.pretrained_path)
+    if seq_warmup.steps:
+        log.info("%s%s", seq_warmup.describe(cfg.data.block_size),
+                 "; trainer.seq_warmup_steps=0 turns it off" if tc.seq_warmup_steps is None else "")
 
     ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
     checkpoints = Checkpoints(accelerator, run_dir, cfg, model, optimizer, tokenizer, order, plan, lora_base, ema)
@@ -183,7 +185,8 @@ def _run(composed, early) -> dict:
     try:
         with checkpoints.signals:
             result = train(model, optimizer, loss_fn, order, data.train, data.valid, cfg, accelerator, tracker,
-                           max_steps=max_steps, start_step=start_step, checkpoints=checkpoints, on_eval=sample, score_tasks=score_tasks if tasks else None, ema=ema)
+                           max_steps=max_steps, seq_warmup=seq_warmup, start_step=start_step, checkpoints=checkpoints,
+                           on_eval=sample, score_tasks=score_tasks if tasks else None, ema=ema)
         accelerator.wait_for_everyone()
         if checkpoints.stopped:
             log.info("stopped by %s; continue with resume=auto run_dir=%s", checkpoints.stopped, run_dir)

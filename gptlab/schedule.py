@@ -1,10 +1,12 @@
-"""The LR schedule: make_schedule(scheduler config, lr, max_steps) -> (step -> lr); Muon's momentum warmup.
+"""The LR schedule: make_schedule(scheduler config, lr, max_steps) -> (step -> lr); Muon's momentum
+warmup; the sequence warmup's steps and rows.
 
 Steps are optimizer steps, 1-based: the update logged as step t runs at schedule(t); never
 micro-batches. Every schedule warms up linearly to `lr` at scheduler.warmup_steps and ends at
 min_lr exactly at max_steps."""
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .config import Schedule, WsdDecay
 
@@ -53,3 +55,47 @@ def make_momentum(oc) -> Callable[[int], float] | None:
     if not warmup or oc.name != "muon":
         return None
     return lambda step: start + (end - start) * min(1.0, step / warmup)
+
+
+# The default recipe's sequence warmup (optim=auto from scratch): 100 steps of half-block rows won
+# the time-to-quality bench and lowered the default run's held-out loss (bench/RESULTS.md, eleventh
+# and twelfth rounds, 300-step runs). At most a third of a run, so that the positions past the
+# rows' length, which the warmup never trains, train for most of it.
+SEQ_WARMUP_STEPS = 100
+
+
+@dataclass(frozen=True)
+class SeqWarmup:
+    """trainer.seq_warmup_*, decided for this run: steps 1..steps read rows of `length` tokens,
+    split: every token of each block, as block_size / length rows (a shorter context alone), or
+    else each block's first `length` tokens (cheaper steps)."""
+    steps: int
+    length: int
+    split: bool
+
+    def blocks(self, train_blocks):
+        """The view of train_blocks that the warmup's steps read (train_blocks itself when off)."""
+        if not self.steps:
+            return train_blocks
+        return (train_blocks.rows if self.split else train_blocks.prefix)(self.length)
+
+    def describe(self, block_size: int) -> str:
+        how = f"all, as rows of {self.length}," if self.split else f"the first {self.length}"
+        return f"sequence warmup: steps 1-{self.steps} read {how} of each block's {block_size} tokens"
+
+
+def seq_warmup_length(tc, block_size: int) -> int:
+    """trainer.seq_warmup_len, or half the block when null."""
+    return block_size // 2 if tc.seq_warmup_len is None else tc.seq_warmup_len
+
+
+def sequence_warmup(tc, data, max_steps: int, default_recipe: bool) -> SeqWarmup:
+    """trainer.seq_warmup_steps, or when null: SEQ_WARMUP_STEPS, at most a third of max_steps, in
+    the default recipe where its rows fit the blocks; none with a named optimizer, to fine-tune,
+    with data.pack=sample or an odd block."""
+    length, steps = seq_warmup_length(tc, data.block_size), tc.seq_warmup_steps
+    if steps is None:
+        fits = (data.pack != "sample" and 2 <= length <= data.block_size
+                and (not tc.seq_warmup_split or data.block_size % length == 0))
+        steps = min(SEQ_WARMUP_STEPS, max_steps // 3) if default_recipe and fits else 0
+    return SeqWarmup(steps, length, tc.seq_warmup_split)

@@ -137,24 +137,43 @@ def test_elastic_resume_with_dropout_says_the_masks_cannot_match(tmp_path, base,
     assert result["stopped"] is None and (tmp_path / "run" / "final").is_dir()
 
 
+@pytest.fixture(scope="module")
+def no_seq_warmup(tmp_path_factory, base):
+    run_dir = tmp_path_factory.mktemp("no_seq_warmup")
+    run_training([f"run_dir={run_dir}", *base, "trainer.seq_warmup_steps=0"])
+    return run_dir
+
+
+def test_the_default_recipe_warms_up_on_half_blocks_and_zero_turns_it_off(base, one_proc, no_seq_warmup):
+    """From scratch with optim=auto, the first third of an 8-step run (2 steps) reads each block
+    as two rows of 32: its first loss is not the one without the warmup."""
+    log = (one_proc / "train.log").read_text()
+    assert ("sequence warmup: steps 1-2 read all, as rows of 32, of each block's 64 tokens; "
+            "trainer.seq_warmup_steps=0 turns it off") in log
+    off = no_seq_warmup
+    assert "sequence warmup" not in (off / "train.log").read_text()
+    assert abs(series(read_metrics(off), "train/loss")[0][1] - series(read_metrics(one_proc), "train/loss")[0][1]) > 1e-3
+    assert series(read_metrics(off), "train/loss")[2:] != series(read_metrics(one_proc), "train/loss")[2:]
+
+
 @pytest.mark.parametrize("split, reads", [(False, "the first 16"), (True, "all, as rows of 16,")])
-def test_sequence_warmup_reads_shorter_rows_and_resumes_exactly(tmp_path, base, one_proc, split, reads):
+def test_sequence_warmup_reads_shorter_rows_and_resumes_exactly(tmp_path, base, no_seq_warmup, split, reads):
     """Steps 1-6 read rows of 16 tokens, each block's first 16 or (split) all its 64 as four
-    rows: the run leaves the full-block one from step 1, and a resume at step 4, inside the
+    rows: the run leaves the one without a warmup from step 1, and a resume at step 4, inside the
     warmup, continues bit-exactly. A warmup over the whole block is the run without one, to
     the last bit."""
     warm = [*base, "trainer.seq_warmup_steps=6", "trainer.seq_warmup_len=16", f"trainer.seq_warmup_split={split}"]
     ref = tmp_path / "ref"
     run_training([f"run_dir={ref}", *warm])
-    assert f"sequence warmup: steps 1-6 read {reads} of each block's 64 tokens" in (ref / "train.log").read_text()
+    assert f"sequence warmup: steps 1-6 read {reads} of each block's 64 tokens\n" in (ref / "train.log").read_text()
     first = series(read_metrics(ref), "train/loss")[0][1]
-    assert abs(first - series(read_metrics(one_proc), "train/loss")[0][1]) > 1e-3
+    assert abs(first - series(read_metrics(no_seq_warmup), "train/loss")[0][1]) > 1e-3
     run_training([*warm, *resume_copy(ref, tmp_path / "resumed")])
     assert_same_curve(tmp_path / "resumed", ref, tol=0)
     whole = tmp_path / "whole"
     run_training([f"run_dir={whole}", *base, "trainer.seq_warmup_steps=6", "trainer.seq_warmup_len=64",
                   f"trainer.seq_warmup_split={split}"])
-    assert_same_curve(whole, one_proc, tol=0)
+    assert_same_curve(whole, no_seq_warmup, tol=0)
 
 
 def test_batch_warmup_resumes_exactly_and_keeps_its_micro_batch(tmp_path, base):

@@ -388,6 +388,7 @@ def test_lora_takes_adamw_by_default_and_muon_when_asked(tmp_path, resume_base):
     run_training([f"run_dir={tmp_path / 'auto'}", *base])
     log = (tmp_path / "auto" / "train.log").read_text()
     assert "optim=auto: AdamW at lr 5e-05, betas (0.9, 0.95), fine-tuning " in log and " with LoRA: Muon on weights trained" in log
+    assert "sequence warmup" not in log  # the from-scratch default's; fine-tuning reads whole blocks
     result = run_training([f"run_dir={tmp_path / 'muon'}", *base, "optim=muon"])
     log = (tmp_path / "muon" / "train.log").read_text()  # logged before the run directory existed
     assert math.isfinite(result["train/loss"]) and "with optim=muon: Muon on a model trained with AdamW" in log

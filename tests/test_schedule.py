@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from gptlab.config import SchedulerConfig
-from gptlab.schedule import make_schedule
+from gptlab.config import DataConfig, SchedulerConfig, TrainerConfig
+from gptlab.schedule import SeqWarmup, make_schedule, sequence_warmup
 
 LR, MIN, W, M = 1e-3, 1e-4, 10, 110
 
@@ -48,3 +48,25 @@ def test_wsd_holds_then_decays_over_the_last_fraction(decay):
 def test_wsd_decay_never_starts_inside_the_warmup():
     assert lr_at(8, "wsd", max_steps=10, warmup=8, decay_fraction=0.5) == LR
     assert lr_at(9, "wsd", max_steps=10, warmup=8, decay_fraction=0.5) == pytest.approx((LR + MIN) / 2)
+
+
+def warmup(max_steps=300, default_recipe=True, block_size=256, pack="concat", **trainer):
+    return sequence_warmup(TrainerConfig(**trainer), DataConfig(block_size=block_size, pack=pack), max_steps,
+                           default_recipe)
+
+
+def test_the_default_recipe_warms_up_on_half_blocks_for_at_most_a_third_of_the_run():
+    assert warmup() == SeqWarmup(steps=100, length=128, split=True)
+    assert warmup(max_steps=5000).steps == 100
+    assert warmup(max_steps=8, block_size=64) == SeqWarmup(steps=2, length=32, split=True)
+    assert warmup(max_steps=2).steps == 0
+
+
+def test_the_sequence_warmup_is_off_outside_the_default_recipe_unless_asked():
+    assert warmup(default_recipe=False).steps == 0  # a named optimizer, or fine-tuning
+    assert warmup(block_size=255).steps == 0  # no half-block rows to split it into
+    assert warmup(pack="sample").steps == 0  # no blocks
+    assert warmup(seq_warmup_steps=0).steps == 0
+    assert warmup(default_recipe=False, seq_warmup_steps=40, seq_warmup_len=64, seq_warmup_split=False) == \
+        SeqWarmup(steps=40, length=64, split=False)
+    assert warmup(seq_warmup_len=64) == SeqWarmup(steps=100, length=64, split=True)

@@ -176,7 +176,10 @@ def run_gptlab(data, overrides: list, steps: int, warmup_steps: int) -> dict:
         if metrics and "train/tokens_per_s" in metrics:
             clock.stamp(step)
 
-    cfg, rows = gptlab_run(data, [*overrides, f"trainer.max_steps={steps}", f"trainer.log_every={warmup_steps}",
+    # The steady step: the from-scratch default's sequence warmup (shorter rows first) is off unless
+    # an override asks for it (the last value of a key wins).
+    cfg, rows = gptlab_run(data, ["trainer.seq_warmup_steps=0", *overrides, f"trainer.max_steps={steps}",
+                                  f"trainer.log_every={warmup_steps}",
                                   f"trainer.eval_every={10 ** 9}"], on_log)
     rows = [r for r in rows if "train/mfu" in r and r["step"] > warmup_steps]
     tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.block_size * cfg.trainer.grad_accum

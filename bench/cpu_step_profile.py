@@ -52,8 +52,9 @@ def profile(args) -> dict:
     torch.set_num_threads(args.threads)
     shape = TINY if args.tiny else SHAPE
     data_args = SimpleNamespace(tiny=args.tiny, text=args.text, cache_dir=args.cache_dir, worker=True)
+    # the steady step: the default's sequence warmup off unless an --arm asks for it
     ran, _ = gptlab_run(load_data(data_args), [*as_overrides(shape), f"trainer.cpu_threads={args.threads}",
-                                               *args.arm, f"trainer.max_steps={steps}", f"trainer.log_every={steps}",
+                                               "trainer.seq_warmup_steps=0", *args.arm, f"trainer.max_steps={steps}", f"trainer.log_every={steps}",
                                                f"trainer.save_every={steps * 10}", f"trainer.eval_every={10 ** 9}",
                                                "trainer.sample_prompts=[]", "tasks.names=[]"], on_log)
     gptlab.loop.set_lr = set_lr

@@ -34,9 +34,9 @@ SAVE_EVERY = 2
 
 def default_recipe(corpus, cache_dir, accum, *extra):
     """test_launch's overrides without its AdamW pin: optim=auto, Muon + AdamW from scratch, and WSD.
-    Without the momentum warmup, at AdamW's lr 1e-3 and betas (0.9, 0.95), and with Q, K, V
-    orthogonalised as one matrix, and without the sequence warmup, as the default was before issue 28: the 1e-5 of the elastic
-    resume (another reduction order) was set for this recipe. With the warmup step 6's grad norm
+    Without the momentum warmup, at AdamW's lr 1e-3 and betas (0.9, 0.95), with Q, K, V
+    orthogonalised as one matrix, and without the sequence warmup, as the default was before
+    issue 28: the 1e-5 of the elastic resume (another reduction order) was set for this recipe. With the warmup step 6's grad norm
     moves 1.4e-5 (relative 1.8e-5) after 2 -> 1 processes, and at lr 3e-3 the final weights more
     than 1e-5: the same rounding, grown by a larger step. Q, K and V apart (32 x 32 each here) grow
     it to 1.3e-5 in the final weights (measured; under 1e-6 without), likely because Newton-Schulz
